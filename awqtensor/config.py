@@ -1,0 +1,105 @@
+"""Quantization configs: frozen, versioned dataclasses, validated on construction.
+
+Both subclass torchao's ``AOBaseConfig``, so ``torchao.quantization.quantize_`` and
+torchao's ``FqnToConfig`` accept them (see ``awqtensor.api`` for the handlers).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+from torchao.core.config import AOBaseConfig
+
+SUPPORTED_GROUP_SIZES = (32, 64, 128, -1)
+AWQ_STEPS = (None, "prepare", "convert")
+
+
+def _check_positive_int(owner: str, name: str, value, minimum: int = 1) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise ValueError(f"{owner}: {name} must be an int >= {minimum}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class _Int4WeightConfig(AOBaseConfig):
+    """Fields every int4 weight config has.
+
+    group_size: input channels per (scale, zero) group, one of 32, 64, 128, or -1 for
+        one group per output row. in_features need not be a multiple (see awqtensor.quant).
+    zero_point: asymmetric quantization with a zero point (AutoAWQ's default) or symmetric.
+    modules_to_not_convert: module names to leave in float; an entry matches any module
+        whose qualified name contains it (AutoAWQ's and transformers' rule).
+    """
+
+    group_size: int = 128
+    zero_point: bool = True
+    modules_to_not_convert: tuple[str, ...] = ()
+    version: int = 1
+
+    def __post_init__(self):
+        owner = type(self).__name__
+        if self.group_size not in SUPPORTED_GROUP_SIZES or isinstance(self.group_size, bool):
+            raise ValueError(f"{owner}: group_size must be one of {SUPPORTED_GROUP_SIZES} "
+                             f"(-1 = per output channel), got {self.group_size!r}")
+        if not isinstance(self.zero_point, bool):
+            raise TypeError(f"{owner}: zero_point must be True or False, got {self.zero_point!r}")
+        skip = self.modules_to_not_convert
+        if skip is None:
+            skip = ()
+        if isinstance(skip, str) or not all(isinstance(s, str) for s in skip):
+            raise TypeError(f"{owner}: modules_to_not_convert must be a list of module names, got {skip!r}")
+        object.__setattr__(self, "modules_to_not_convert", tuple(skip))
+
+
+@dataclass(frozen=True)
+class RTNConfig(_Int4WeightConfig):
+    """Round-to-nearest int4: the accuracy baseline, and the way to build a quantized
+    skeleton to load a saved state dict into."""
+
+
+@dataclass(frozen=True)
+class AWQConfig(_Int4WeightConfig):
+    """Activation-aware int4 quantization (AWQ).
+
+    n_grid: ratios tried in the scale search. duo_scaling: search x_mean^r / w_mean^(1-r)
+    as well as x_mean^r. clip: search a per-group clipping range after scaling.
+    max_shrink / n_clip_grid: the clipping search's range and resolution.
+    n_samples x seq_len: calibration tokens (AutoAWQ's defaults, 128 x 512).
+    step: None runs calibration and conversion in one call; "prepare" and "convert"
+    split them for users running their own forward passes in between.
+    """
+
+    n_grid: int = 20
+    duo_scaling: bool = True
+    clip: bool = True
+    max_shrink: float = 0.5
+    n_clip_grid: int = 20
+    n_samples: int = 128
+    seq_len: int = 512
+    step: Optional[str] = None
+
+    def __post_init__(self):
+        super().__post_init__()
+        owner = type(self).__name__
+        _check_positive_int(owner, "n_grid", self.n_grid)
+        _check_positive_int(owner, "n_clip_grid", self.n_clip_grid)
+        _check_positive_int(owner, "n_samples", self.n_samples)
+        _check_positive_int(owner, "seq_len", self.seq_len, minimum=2)
+        for name in ("duo_scaling", "clip"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{owner}: {name} must be True or False, got {getattr(self, name)!r}")
+        if not isinstance(self.max_shrink, (int, float)) or not 0.0 <= self.max_shrink < 1.0:
+            raise ValueError(f"{owner}: max_shrink must be in [0, 1), the largest fraction of the "
+                             f"range clipping may cut; got {self.max_shrink!r}")
+        if self.step not in AWQ_STEPS:
+            raise ValueError(f"{owner}: step must be one of {AWQ_STEPS}, got {self.step!r}")
+
+
+def rtn_config(group_size: int = 128, zero_point: bool = True, modules_to_not_convert=None) -> RTNConfig:
+    """Round-to-nearest int4 config."""
+    return RTNConfig(group_size, zero_point, modules_to_not_convert)
+
+
+def awq_config(group_size: int = 128, zero_point: bool = True, modules_to_not_convert=None, **options) -> AWQConfig:
+    """AWQ config; ``options`` are AWQConfig's other fields (n_grid, duo_scaling, clip, ...)."""
+    return AWQConfig(group_size, zero_point, modules_to_not_convert, **options)

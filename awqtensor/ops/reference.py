@@ -1,0 +1,51 @@
+"""Pure-torch implementations of the ops: the portable fallback and the readable spec.
+
+Tests compare these and every kernel against their own float64 reference, not against
+this file."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .. import packing, quant
+
+
+def dequantize(
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor | None,
+    act_scale: torch.Tensor | None,
+    group_size: int,
+    in_features: int,
+    packing_format: str,
+) -> torch.Tensor:
+    """The float weight [N, in_features] this quantized weight stands for, in scales.dtype:
+    ``(q - zero) * scale``, times ``act_scale`` per input channel when there is one."""
+    k_padded = scales.shape[1] * group_size
+    plain = packing.repack(qweight, k_padded, packing_format, packing.PLAIN)
+    q = packing.unpack_nibbles(plain, k_padded)
+    w = quant.dequantize(q, scales, zeros, group_size, in_features, dtype=torch.float32)
+    if act_scale is not None:
+        w = w * act_scale.float()
+    return w.to(scales.dtype)
+
+
+def int4_linear(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor | None,
+    act_scale: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    group_size: int,
+    packing_format: str,
+) -> torch.Tensor:
+    """``x @ dequantize(...).T + bias`` with the dequantized weight in x.dtype."""
+    k = x.shape[-1]
+    if act_scale is not None:
+        x = x * act_scale
+    k_padded = scales.shape[1] * group_size
+    plain = packing.repack(qweight, k_padded, packing_format, packing.PLAIN)
+    w = quant.dequantize(packing.unpack_nibbles(plain, k_padded), scales, zeros, group_size, k, dtype=x.dtype)
+    return F.linear(x, w, bias)

@@ -1,0 +1,222 @@
+"""Int4AWQTensor: a linear weight stored as packed int4 with group-wise scales."""
+
+from __future__ import annotations
+
+
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import return_and_correct_aliasing
+from torchao.utils import TorchAOBaseTensor
+
+from . import ops  # noqa: F401  (registers torch.ops.awqtensor)
+from . import packing, quant
+
+aten = torch.ops.aten
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+class Int4AWQTensor(TorchAOBaseTensor):
+    """An ``nn.Linear`` weight of logical shape [N, K] (out_features, in_features) held in 4 bits.
+
+    Tensor data:
+        qweight (uint8): the int4 codes, [N, ceil(K_padded / 2)] in the canonical
+            ``"plain"`` packing (see ``awqtensor.packing``), or a backend layout named by
+            ``packing_format``. ``K_padded = n_groups * group_size``.
+        scales (the tensor's dtype): [N, n_groups], one scale per (output row, group).
+        zeros (uint8, optional): [N, n_groups], zero points 0..15; None means symmetric
+            quantization with the implicit zero point 8.
+        act_scale (the tensor's dtype, optional): [K], multiplies the input per channel
+            before the matmul. AWQ puts 1/s here when no earlier op can absorb it.
+
+    Attributes:
+        group_size (int): columns per group; per-channel quantization stores K. When K
+            is not a multiple of it, the last group covers only the remaining
+            ``K - (n_groups - 1) * group_size`` real columns (its min/max come from those)
+            and its padded columns dequantize to 0.
+        shape (torch.Size): the logical shape [N, K].
+        packing_format (str): layout of ``qweight``: "plain" or a backend's, chosen when
+            the weight lands on a device or changes dtype; never changed per call.
+
+    The logical dtype is ``scales.dtype`` and must match the activations. The weight
+    stands for ``dequantize() = (q - zero) * scale * act_scale`` (formula in
+    ``awqtensor.quant``). Pickling (``torch.save``) always writes the "plain" packing.
+    """
+
+    tensor_data_names = ["qweight", "scales"]
+    tensor_attribute_names = ["group_size", "shape", "packing_format"]
+    optional_tensor_data_names = ["zeros", "act_scale"]
+
+    def __new__(cls, qweight, scales, group_size, shape, packing_format, zeros=None, act_scale=None):
+        return torch.Tensor._make_wrapper_subclass(
+            cls, shape, dtype=scales.dtype, device=qweight.device, requires_grad=False
+        )
+
+    def __init__(self, qweight, scales, group_size, shape, packing_format, zeros=None, act_scale=None):
+        super().__init__()
+        self.qweight = qweight
+        self.scales = scales
+        self.group_size = group_size
+        self.packing_format = packing_format
+        self.zeros = zeros
+        self.act_scale = act_scale
+
+    @classmethod
+    def from_float(
+        cls,
+        weight: torch.Tensor,
+        group_size: int = 128,
+        zero_point: bool = True,
+        act_scale: torch.Tensor | None = None,
+        name: str = "weight",
+    ) -> "Int4AWQTensor":
+        """Quantize a float [N, K] weight. ``group_size=-1`` means one group per row.
+        ``act_scale`` (optional, [K]) is stored as is and multiplies the input."""
+        validate_weight(weight, group_size, name)
+        n, k = weight.shape
+        group_size = k if group_size == -1 else group_size
+        with torch.no_grad():
+            scales, zeros = quant.choose_qparams(weight, group_size, zero_point)
+            qweight = packing.pack_nibbles(quant.quantize(weight, scales, zeros, group_size))
+        plain = cls(qweight, scales, group_size, weight.shape, packing.PLAIN, zeros, act_scale)
+        return plain._repacked_for(weight.device, weight.dtype)
+
+    @property
+    def k_padded(self) -> int:
+        return self.scales.shape[1] * self.group_size
+
+    def dequantize(self) -> torch.Tensor:
+        """The float weight [N, K] this tensor stands for, in its dtype."""
+        return torch.ops.awqtensor.dequantize(
+            self.qweight, self.scales, self.zeros, self.act_scale,
+            self.group_size, self.shape[1], self.packing_format,
+        )
+
+    def _replace(self, **fields) -> "Int4AWQTensor":
+        state = {name: getattr(self, name) for name in
+                 self.tensor_data_names + self.tensor_attribute_names + self.optional_tensor_data_names}
+        state.update(fields)
+        return Int4AWQTensor(**state)
+
+    def _repacked_for(self, device, dtype) -> "Int4AWQTensor":
+        """This tensor on ``device`` in ``dtype``, in the packing that device's kernel reads."""
+        device = torch.device(device)
+        target = packing.choose_packing(device, dtype, self.shape[0], self.group_size)
+        if (self.device, self.dtype, self.packing_format) == (device, dtype, target):
+            return self
+        plain = packing.repack(self.qweight, self.k_padded, self.packing_format, packing.PLAIN)
+        cast = (lambda t: None if t is None else t.to(device=device, dtype=dtype))
+        return self._replace(
+            qweight=packing.repack(plain.to(device), self.k_padded, packing.PLAIN, target),
+            scales=cast(self.scales),
+            zeros=None if self.zeros is None else self.zeros.to(device),
+            act_scale=cast(self.act_scale),
+            packing_format=target,
+        )
+
+    def __getstate__(self):
+        # Checkpoints hold the canonical layout, readable on any machine.
+        state = dict(self.__dict__)
+        state["qweight"] = packing.repack(self.qweight, self.k_padded, self.packing_format, packing.PLAIN)
+        state["packing_format"] = packing.PLAIN
+        return state
+
+    def __repr__(self):
+        kind = "asymmetric" if self.zeros is not None else "symmetric"
+        extra = ", act_scale" if self.act_scale is not None else ""
+        return (f"Int4AWQTensor(shape={tuple(self.shape)}, dtype={self.dtype}, device={self.device}, "
+                f"group_size={self.group_size}, {kind}, packing_format={self.packing_format!r}{extra})")
+
+
+def validate_weight(weight: torch.Tensor, group_size: int, name: str = "weight") -> None:
+    """Raise a ValueError/TypeError saying what to change if ``weight`` cannot be quantized."""
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+        raise ValueError(f"{name}: expected a 2-D [out_features, in_features] weight, got "
+                         f"{type(weight).__name__} of shape {tuple(getattr(weight, 'shape', ()))}")
+    if isinstance(weight, Int4AWQTensor):
+        raise TypeError(f"{name} is already an Int4AWQTensor; quantize the float model instead")
+    if weight.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} has dtype {weight.dtype}; int4 quantization needs one of "
+                        f"{FLOAT_DTYPES}: convert the model with .to(torch.float32) first")
+    if not isinstance(group_size, int) or isinstance(group_size, bool) or not (group_size == -1 or group_size > 0):
+        raise ValueError(f"{name}: group_size must be a positive int or -1 (per channel), got {group_size!r}")
+    if weight.device.type != "meta" and not torch.isfinite(weight).all():
+        bad = (~torch.isfinite(weight)).sum().item()
+        raise ValueError(f"{name} holds {bad} NaN/Inf values; fix or reload the model before quantizing")
+
+
+implements = Int4AWQTensor.implements
+implements_torch_function = Int4AWQTensor.implements_torch_function
+
+
+@implements(aten.linear.default)
+@implements_torch_function(F.linear)
+def _(func, types, args, kwargs):
+    x, weight = args[0], args[1]
+    bias = args[2] if len(args) > 2 else kwargs.get("bias")
+    if x.dtype != weight.dtype:
+        raise TypeError(f"linear: input is {x.dtype} but the Int4AWQTensor weight is {weight.dtype}; "
+                        f"move the model with model.to({x.dtype}) or cast the input")
+    if x.shape[-1] != weight.shape[1]:
+        raise ValueError(f"linear: input has {x.shape[-1]} features, the weight expects {weight.shape[1]}")
+    return torch.ops.awqtensor.int4_linear(
+        x, weight.qweight, weight.scales, weight.zeros, weight.act_scale, bias,
+        weight.group_size, weight.packing_format,
+    )
+
+
+@implements(aten._to_copy.default)
+def _(func, types, args, kwargs):
+    self = args[0]
+    dtype = kwargs.get("dtype") or self.dtype
+    if dtype not in FLOAT_DTYPES:
+        raise TypeError(f"Int4AWQTensor can move to {FLOAT_DTYPES}, not {dtype}")
+    moved = self._repacked_for(kwargs.get("device") or self.device, dtype)
+    if moved is self:
+        moved = self._apply_fn_to_data(torch.clone)
+    return return_and_correct_aliasing(func, args, kwargs, moved)
+
+
+@implements(aten.copy_.default)
+def _(func, types, args, kwargs):
+    self, src = args[0], args[1]
+    if not isinstance(src, Int4AWQTensor):
+        raise TypeError(f"cannot copy a {type(src).__name__} into an Int4AWQTensor; load a quantized "
+                        f"state dict, or quantize_ the float model instead of loading into a quantized one")
+    for field in ("shape", "group_size"):
+        if getattr(self, field) != getattr(src, field):
+            raise ValueError(f"copy_: {field} differs: destination {getattr(self, field)}, source {getattr(src, field)}")
+    for field in ("zeros", "act_scale"):
+        if (getattr(self, field) is None) != (getattr(src, field) is None):
+            raise ValueError(f"copy_: the destination {'has' if getattr(self, field) is not None else 'lacks'} "
+                             f"{field} and the source does not; prepare the model with the same config "
+                             f"(zero_point={self.zeros is not None}) as the checkpoint")
+    src = src._repacked_for(self.device, self.dtype)
+    for name in self.tensor_data_names + self.optional_tensor_data_names:
+        if getattr(self, name) is not None:
+            getattr(self, name).copy_(getattr(src, name))
+    return self
+
+
+@implements(aten.slice.Tensor)
+def _(func, types, args, kwargs):
+    self, dim, start, end, step = (list(args) + [0, None, None, 1])[:5]
+    if dim != 0 or step != 1:
+        raise NotImplementedError("Int4AWQTensor slices along output rows (dim 0, step 1) only; "
+                                  f"got dim={dim}, step={step}")
+    start, end, _ = slice(start, end).indices(self.shape[0])
+    end = max(start, end)
+    # Rows of a backend layout need not be contiguous, so slice the canonical one.
+    plain = packing.repack(self.qweight, self.k_padded, self.packing_format, packing.PLAIN)
+    rows = slice(start, end)
+    sliced = self._replace(
+        qweight=plain[rows], scales=self.scales[rows],
+        zeros=None if self.zeros is None else self.zeros[rows],
+        shape=torch.Size((end - start, self.shape[1])), packing_format=packing.PLAIN,
+    )
+    if self.packing_format == packing.PLAIN:
+        return return_and_correct_aliasing(func, args, kwargs, sliced)
+    return sliced._repacked_for(self.device, self.dtype)
+
+
+torch.serialization.add_safe_globals([Int4AWQTensor])
