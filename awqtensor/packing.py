@@ -9,15 +9,19 @@ Backend layouts are produced once, when a weight lands on a device or changes dt
 (``choose_packing``), never per call:
 
 * ``"cpu_int4pack"``: the layout of ``aten._weight_int4pack_mm_for_cpu`` (torch's int4 CPU
-  kernel, fast with bf16 activations). Its nibble order is torch's business and may vary
-  with the CPU's vector width, so ``to_plain`` recovers it by probing the packer instead
-  of hard-coding it.
+  kernel; fastest with bf16 activations, and still faster than dequantize-then-matmul
+  with fp32 and fp16). Its nibble order is torch's business and varies with the CPU's
+  vector width, so going back to "plain" recovers it by probing the packer instead of
+  hard-coding it: blocks of rows, k-major, a fixed nibble order per block size, each
+  probed once with a tiny tensor. The kernel takes groups of 32..256 columns; a larger group (per-channel)
+  runs as several kernel groups sharing one scale, which changes nothing numerically.
 
 ``scales`` and ``zeros`` stay in their canonical [N, n_groups] shape in every layout.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -42,14 +46,19 @@ def unpack_nibbles(packed: torch.Tensor, length: int) -> torch.Tensor:
     return torch.stack((low, high), dim=-1).reshape(packed.shape[0], -1)[:, :length]
 
 
+def cpu_int4pack_group_size(group_size: int) -> int | None:
+    """The kernel group size that tiles ``group_size`` (largest first), or None."""
+    return next((g for g in reversed(CPU_INT4PACK_GROUP_SIZES) if group_size % g == 0), None)
+
+
 def cpu_int4pack_unsupported(n: int, group_size: int, dtype: torch.dtype) -> str | None:
     """Why torch's int4 CPU kernel cannot serve this weight, or None if it can."""
-    if os.environ.get("AWQTENSOR_DISABLE_CPU_INT4PACK"):
-        return "disabled by AWQTENSOR_DISABLE_CPU_INT4PACK"
-    if dtype != torch.bfloat16:
-        return f"needs bfloat16 activations, the weight is {dtype}"
-    if group_size not in CPU_INT4PACK_GROUP_SIZES:
-        return f"needs group_size in {CPU_INT4PACK_GROUP_SIZES}, got {group_size}"
+    if "cpu_int4pack_mm" in os.environ.get("AWQTENSOR_DISABLE", "").split(","):
+        return "disabled by AWQTENSOR_DISABLE=cpu_int4pack_mm"
+    if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        return f"needs float activations, the weight is {dtype}"
+    if cpu_int4pack_group_size(group_size) is None:
+        return f"needs group_size a multiple of 32, got {group_size}"
     if n % 16:
         return f"needs out_features divisible by 16, got {n}"
     return None
@@ -62,39 +71,68 @@ def choose_packing(device: torch.device, dtype: torch.dtype, n: int, group_size:
     return PLAIN
 
 
-def _to_cpu_int4pack(qweight: torch.Tensor, k_padded: int) -> torch.Tensor:
-    codes = unpack_nibbles(qweight, k_padded).to(torch.int32)
-    return torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.contiguous(), 2)
+@functools.cache
+def _cpu_int4pack_block_rows() -> int:
+    """Rows per block of torch's layout (its vector width x 4): packed [N, K] is stored as
+    blocks of this many rows, each k-major. Found as the number of nibbles that precede
+    the first nibble of column k = 1 in a probe."""
+    probe = torch.zeros(128, 2, dtype=torch.int32)
+    probe[:, 1] = 1
+    nibbles = unpack_nibbles(_to_cpu_int4pack_codes(probe).reshape(1, -1), 256)[0]
+    return int((nibbles == 1).nonzero()[0])
 
 
-def _from_cpu_int4pack(packed: torch.Tensor, k_padded: int) -> torch.Tensor:
+@functools.cache
+def _cpu_int4pack_slot_rows(block_rows: int) -> torch.Tensor:
+    """For a block of ``block_rows`` rows: the row held by each nibble (low nibble of byte
+    0, high nibble of byte 0, ...) of one k's bytes. Probed with the row index, 4 bits at a time."""
+    rows = torch.arange(block_rows, dtype=torch.int32)
+    slot_rows = torch.zeros(block_rows, dtype=torch.int64)
+    for shift in (0, 4):
+        digit = ((rows >> shift) & 15).unsqueeze(1).expand(block_rows, 2).contiguous()
+        packed = _to_cpu_int4pack_codes(digit).reshape(1, -1)
+        slot_rows |= unpack_nibbles(packed, 2 * block_rows)[0, :block_rows].to(torch.int64) << shift
+    return slot_rows
+
+
+def _to_cpu_int4pack_codes(codes: torch.Tensor) -> torch.Tensor:
+    return torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32).contiguous(), 2)
+
+
+def cpu_int4pack_codes(packed: torch.Tensor, k_padded: int) -> torch.Tensor:
+    """uint8 codes [N, k_padded] of a ``cpu_int4pack`` weight, in a few vectorized passes."""
     n = packed.shape[0]
-    count = n * k_padded
-    index = torch.arange(count, dtype=torch.int64)
-    # Pack each base-16 digit of every nibble's canonical index; reading the digits back
-    # at each packed position gives the permutation, whatever order the packer uses.
-    source = torch.zeros(count, dtype=torch.int64)
-    shift = 0
-    while (1 << shift) < count:
-        digit = ((index >> shift) & 15).to(torch.int32).reshape(n, k_padded)
-        packed_digit = torch.ops.aten._convert_weight_to_int4pack_for_cpu(digit, 2)
-        source |= unpack_nibbles(packed_digit, k_padded).reshape(-1).to(torch.int64) << shift
-        shift += 4
-    codes = torch.empty(count, dtype=torch.uint8)
-    codes[source] = unpack_nibbles(packed, k_padded).reshape(-1)
-    return pack_nibbles(codes.reshape(n, k_padded))
+    block = _cpu_int4pack_block_rows()
+    flat = packed.reshape(-1)
+    pieces, offset = [], 0
+    for count, rows in ((n // block, block), (1 if n % block else 0, n % block)):
+        if not count:
+            continue
+        size = count * k_padded * rows // 2
+        nibbles = unpack_nibbles(flat[offset : offset + size].reshape(-1, rows // 2), rows)
+        by_row = torch.empty_like(nibbles)
+        by_row[:, _cpu_int4pack_slot_rows(rows)] = nibbles  # [count * K, rows]
+        pieces.append(by_row.reshape(count, k_padded, rows).transpose(1, 2).reshape(count * rows, k_padded))
+        offset += size
+    return torch.cat(pieces) if len(pieces) > 1 else pieces[0].contiguous()
+
+
+def codes(qweight: torch.Tensor, k_padded: int, packing_format: str) -> torch.Tensor:
+    """uint8 codes [N, k_padded] of a weight in any layout."""
+    if packing_format == PLAIN:
+        return unpack_nibbles(qweight, k_padded)
+    if packing_format == CPU_INT4PACK:
+        return cpu_int4pack_codes(qweight, k_padded)
+    raise ValueError(f"unknown packing {packing_format!r}; known: {PACKINGS}")
 
 
 def repack(qweight: torch.Tensor, k_padded: int, source: str, target: str) -> torch.Tensor:
-    """Convert ``qweight`` between layouts (via the canonical one)."""
+    """Convert ``qweight`` between layouts (via the codes)."""
     if source == target:
         return qweight
-    if source == CPU_INT4PACK:
-        qweight = _from_cpu_int4pack(qweight, k_padded)
-    elif source != PLAIN:
-        raise ValueError(f"unknown packing {source!r}; known: {PACKINGS}")
+    unpacked = codes(qweight, k_padded, source)
+    if target == PLAIN:
+        return pack_nibbles(unpacked)
     if target == CPU_INT4PACK:
-        return _to_cpu_int4pack(qweight, k_padded)
-    if target != PLAIN:
-        raise ValueError(f"unknown packing {target!r}; known: {PACKINGS}")
-    return qweight
+        return _to_cpu_int4pack_codes(unpacked)
+    raise ValueError(f"unknown packing {target!r}; known: {PACKINGS}")

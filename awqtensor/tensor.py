@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+
 
 import torch
 import torch.nn.functional as F
@@ -120,6 +122,14 @@ class Int4AWQTensor(TorchAOBaseTensor):
         state["qweight"] = packing.repack(self.qweight, self.k_padded, self.packing_format, packing.PLAIN)
         state["packing_format"] = packing.PLAIN
         return state
+
+    def _stable_hash_for_caching(self) -> str:
+        # What compiled code depends on: metadata, never the values.
+        inner = [(name, None if getattr(self, name) is None else (tuple(getattr(self, name).shape), str(getattr(self, name).dtype)))
+                 for name in self.tensor_data_names + self.optional_tensor_data_names]
+        key = (type(self).__qualname__, tuple(self.shape), str(self.dtype), self.device.type,
+               self.group_size, self.packing_format, inner)
+        return hashlib.blake2b(repr(key).encode(), digest_size=16).hexdigest()
 
     def __repr__(self):
         kind = "asymmetric" if self.zeros is not None else "symmetric"

@@ -1,7 +1,16 @@
 """CPU implementations of the ops.
 
-``cpu_int4pack`` weights (bf16, see ``awqtensor.packing``) run through torch's int4 CPU
-kernel; everything else dequantizes into the activation dtype and calls the dense matmul.
+Two candidates, tried in order; each says why it cannot serve a call:
+
+* ``cpu_int4pack_mm``: torch's int4 CPU kernel on a ``cpu_int4pack`` weight. With bf16
+  activations it beats everything here at every M measured (1..128); with fp32/fp16 its
+  cost grows linearly with M and dequantize-then-matmul wins from M = 3 on
+  (``benchmarks/cpu_linear.py``).
+* ``dequantize_matmul``: dequantize into the activation dtype, then the dense matmul.
+  Always applicable.
+
+``AWQTENSOR_DISABLE=cpu_int4pack_mm`` turns the first off (and stops weights being packed
+for it, see ``awqtensor.packing``).
 """
 
 from __future__ import annotations
@@ -12,20 +21,34 @@ import torch.nn.functional as F
 from .. import packing, quant
 from . import reference
 
+# Smallest M from which dequantize + dense matmul beats torch's int4 kernel, per dtype.
+DEQUANTIZE_FROM_M = {torch.float32: 3, torch.float16: 3}
 
-def _scale_and_zero(scales: torch.Tensor, zeros: torch.Tensor | None) -> torch.Tensor:
+
+def int4pack_unsuitable(x: torch.Tensor, packing_format: str) -> str | None:
+    """Why ``cpu_int4pack_mm`` should not run this call, or None."""
+    if packing_format != packing.CPU_INT4PACK:
+        return f"the weight is in the {packing_format!r} layout"
+    m = x.numel() // x.shape[-1]
+    limit = DEQUANTIZE_FROM_M.get(x.dtype)
+    if limit is not None and m >= limit:
+        return f"M={m} >= {limit}: dequantize + dense matmul is faster with {x.dtype}"
+    return None
+
+
+def _scale_and_zero(scales: torch.Tensor, zeros: torch.Tensor | None, repeat: int) -> torch.Tensor:
     """torch's kernel computes (q - 8) * scale + offset; ours is (q - zero) * scale, so
-    offset = (8 - zero) * scale. Returns [n_groups, N, 2] as the kernel wants."""
+    offset = (8 - zero) * scale. Returns [n_groups * repeat, N, 2] as the kernel wants.
+    This is O(N * n_groups), a few percent of the weight's bytes."""
     s = scales.float()
     offset = torch.zeros_like(s) if zeros is None else (quant.SYMMETRIC_ZERO - zeros.float()) * s
-    return torch.stack((s, offset), dim=-1).transpose(0, 1).contiguous().to(scales.dtype)
+    pairs = torch.stack((s, offset), dim=-1).transpose(0, 1)
+    if repeat > 1:
+        pairs = pairs.repeat_interleave(repeat, dim=0)
+    return pairs.contiguous().to(scales.dtype)
 
 
-def int4_linear(x, qweight, scales, zeros, act_scale, bias, group_size, packing_format):
-    if packing_format != packing.CPU_INT4PACK:
-        return reference.int4_linear(x, qweight, scales, zeros, act_scale, bias, group_size, packing_format)
-    if x.dtype != torch.bfloat16:
-        raise TypeError(f"a {packing_format} weight takes bfloat16 input, got {x.dtype}")
+def _int4pack_mm(x, qweight, scales, zeros, act_scale, bias, group_size):
     lead, k = x.shape[:-1], x.shape[-1]
     x2 = x.reshape(-1, k)
     if act_scale is not None:
@@ -33,9 +56,16 @@ def int4_linear(x, qweight, scales, zeros, act_scale, bias, group_size, packing_
     k_padded = scales.shape[1] * group_size
     if k_padded > k:
         x2 = F.pad(x2, (0, k_padded - k))
+    kernel_group = packing.cpu_int4pack_group_size(group_size)
     y = torch.ops.aten._weight_int4pack_mm_for_cpu(
-        x2.contiguous(), qweight, group_size, _scale_and_zero(scales, zeros)
+        x2.contiguous(), qweight, kernel_group, _scale_and_zero(scales, zeros, group_size // kernel_group)
     )
     if bias is not None:
         y = y + bias
     return y.reshape(*lead, -1)
+
+
+def int4_linear(x, qweight, scales, zeros, act_scale, bias, group_size, packing_format):
+    if int4pack_unsuitable(x, packing_format) is None:
+        return _int4pack_mm(x, qweight, scales, zeros, act_scale, bias, group_size)
+    return reference.int4_linear(x, qweight, scales, zeros, act_scale, bias, group_size, packing_format)

@@ -22,13 +22,11 @@ def dequantize(
 ) -> torch.Tensor:
     """The float weight [N, in_features] this quantized weight stands for, in scales.dtype:
     ``(q - zero) * scale``, times ``act_scale`` per input channel when there is one."""
-    k_padded = scales.shape[1] * group_size
-    plain = packing.repack(qweight, k_padded, packing_format, packing.PLAIN)
-    q = packing.unpack_nibbles(plain, k_padded)
+    q = packing.codes(qweight, scales.shape[1] * group_size, packing_format)
     w = quant.dequantize(q, scales, zeros, group_size, in_features, dtype=torch.float32)
     if act_scale is not None:
         w = w * act_scale.float()
-    return w.to(scales.dtype)
+    return w.to(scales.dtype).contiguous()
 
 
 def int4_linear(
@@ -45,7 +43,6 @@ def int4_linear(
     k = x.shape[-1]
     if act_scale is not None:
         x = x * act_scale
-    k_padded = scales.shape[1] * group_size
-    plain = packing.repack(qweight, k_padded, packing_format, packing.PLAIN)
-    w = quant.dequantize(packing.unpack_nibbles(plain, k_padded), scales, zeros, group_size, k, dtype=x.dtype)
+    q = packing.codes(qweight, scales.shape[1] * group_size, packing_format)
+    w = quant.dequantize(q, scales, zeros, group_size, k, dtype=x.dtype)
     return F.linear(x, w, bias)

@@ -1,0 +1,63 @@
+"""An independent float64 model of AutoAWQ's int4 format, written without the library's
+code: element-wise arithmetic in numpy, explicit group slices, no bit operations."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+def unpack_bytes(qweight: torch.Tensor, length: int) -> np.ndarray:
+    """Canonical bytes [N, ceil(L/2)] -> codes [N, L]: column 2j is byte j mod 16, 2j+1 is byte j div 16."""
+    b = qweight.numpy().astype(np.int64)
+    codes = np.empty((b.shape[0], 2 * b.shape[1]), dtype=np.int64)
+    codes[:, 0::2] = b % 16
+    codes[:, 1::2] = b // 16
+    return codes[:, :length]
+
+
+def group_slices(k: int, group_size: int):
+    return [slice(start, min(start + group_size, k)) for start in range(0, k, group_size)]
+
+
+def dequantize(t) -> np.ndarray:
+    """float64 [N, K] weight an Int4AWQTensor stands for, computed from its canonical fields."""
+    from awqtensor import packing  # only to undo a backend layout; codes are read here
+
+    n, k = t.shape
+    plain = packing.repack(t.qweight, t.k_padded, t.packing_format, packing.PLAIN)
+    codes = unpack_bytes(plain.cpu(), k)
+    scales = t.scales.double().cpu().numpy()
+    zeros = np.full(scales.shape, 8.0) if t.zeros is None else t.zeros.cpu().numpy().astype(np.float64)
+    w = np.empty((n, k))
+    for g, cols in enumerate(group_slices(k, t.group_size)):
+        w[:, cols] = (codes[:, cols] - zeros[:, g : g + 1]) * scales[:, g : g + 1]
+    if t.act_scale is not None:
+        w = w * t.act_scale.double().cpu().numpy()[None, :]
+    return w
+
+
+def autoawq_quantize(w: np.ndarray, group_size: int, zero_point: bool):
+    """AutoAWQ's formula in float64: (codes [N, K], scales [N, G], zeros [N, G] or None)."""
+    n, k = w.shape
+    codes = np.empty((n, k), dtype=np.int64)
+    scales, zeros = [], []
+    for cols in group_slices(k, group_size):
+        g = w[:, cols]
+        if zero_point:
+            s = np.maximum(g.max(1) - g.min(1), 1e-5) / 15
+            z = np.clip(-np.round(g.min(1) / s), 0, 15)
+            codes[:, cols] = np.clip(np.round(g / s[:, None]) + z[:, None], 0, 15)
+            zeros.append(z)
+        else:
+            s = np.maximum(np.abs(g).max(1), 1e-5) / 7
+            codes[:, cols] = np.clip(np.round(g / s[:, None]), -8, 7) + 8
+        scales.append(s)
+    return codes, np.stack(scales, 1), (np.stack(zeros, 1) if zero_point else None)
+
+
+def linear(x: torch.Tensor, t, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """float64 x @ W.T + bias."""
+    w = torch.from_numpy(dequantize(t))
+    y = x.double() @ w.T
+    return y if bias is None else y + bias.double()
