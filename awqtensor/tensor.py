@@ -8,7 +8,7 @@ import hashlib
 import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import return_and_correct_aliasing
-from torchao.utils import TorchAOBaseTensor
+from torchao.utils import TorchAOBaseTensor, fill_defaults
 
 from . import ops  # noqa: F401  (registers torch.ops.awqtensor)
 from . import packing, quant
@@ -210,7 +210,7 @@ def _(func, types, args, kwargs):
 
 @implements(aten.slice.Tensor)
 def _(func, types, args, kwargs):
-    self, dim, start, end, step = (list(args) + [0, None, None, 1])[:5]
+    self, dim, start, end, step = fill_defaults(args, 5, [0, None, None, 1])
     if dim != 0 or step != 1:
         raise NotImplementedError("Int4AWQTensor slices along output rows (dim 0, step 1) only; "
                                   f"got dim={dim}, step={step}")

@@ -1,0 +1,56 @@
+"""Tier 3 on the real model: SmolLM2-135M-Instruct (hidden size 576, not a multiple of 128)."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from awqtensor import Int4AWQTensor, evaluation, quantize_, rtn_config, smollm2
+from conftest import max_rel_err
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+EVAL_TEXT = DATA / "enwiki_clean.txt"
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def eval_blocks():
+    if not EVAL_TEXT.is_file():
+        pytest.skip(f"{EVAL_TEXT} not found (CI has ../shared beside the clone)")
+    _, tokenizer = smollm2.load()
+    return evaluation.token_blocks(tokenizer, EVAL_TEXT, 512, 6)
+
+
+@pytest.fixture(scope="module")
+def float_ppl(eval_blocks):
+    model, _ = smollm2.load()
+    return evaluation.perplexity(model, eval_blocks)
+
+
+@pytest.mark.parametrize("group_size,max_ratio", [(64, 1.40), (128, 1.55)])
+def test_rtn_perplexity_bound(eval_blocks, float_ppl, group_size, max_ratio):
+    # On the full protocol (40 windows) float is 22.88 and RTN g64 29.30 (ratio 1.28);
+    # on these first 6 windows we measured float 21.9, RTN g64 ratio ~1.27, g128 ~1.4.
+    assert 15 < float_ppl < 30, "the evaluation no longer matches the reference protocol"
+    model, _ = smollm2.load()
+    quantize_(model, rtn_config(group_size=group_size))
+    assert isinstance(model.model.layers[0].mlp.down_proj.weight, Int4AWQTensor)
+    assert model.model.layers[0].self_attn.q_proj.weight.k_padded == (640 if group_size == 128 else 576)
+    ratio = evaluation.perplexity(model, eval_blocks) / float_ppl
+    assert 1.02 < ratio < max_ratio
+
+
+def test_compile_fullgraph_smollm2():
+    from torch._dynamo.testing import AotEagerAndRecordGraphs
+
+    model, tokenizer = smollm2.load()
+    quantize_(model, rtn_config(group_size=128))
+    ids = tokenizer("The capital of France is", return_tensors="pt").input_ids
+    backend = AotEagerAndRecordGraphs()
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend=backend, fullgraph=True)
+    with torch.no_grad():
+        for inputs in (ids, ids[:, -1:]):  # prompt and decode lengths
+            eager = model(inputs, use_cache=False).logits
+            assert max_rel_err(compiled(inputs, use_cache=False).logits, eager) < 1e-5
+    assert any("awqtensor.int4_linear" in g.code for g in backend.fw_graphs)
