@@ -40,9 +40,16 @@ class Int4AWQTensor(TorchAOBaseTensor):
         packing_format (str): layout of ``qweight``: "plain" or a backend's, chosen when
             the weight lands on a device or changes dtype; never changed per call.
 
+    Quantization (AutoAWQ's formula, per output row and group; see ``awqtensor.quant``)::
+
+        scale = (max - min).clamp(min=1e-5) / 15
+        zero  = clamp(-round(min / scale), 0, 15)
+        q     = clamp(round(w / scale) + zero, 0, 15)
+        w    ~= (q - zero) * scale               # symmetric: scale = max|w| / 7, zero = 8
+
     The logical dtype is ``scales.dtype`` and must match the activations. The weight
-    stands for ``dequantize() = (q - zero) * scale * act_scale`` (formula in
-    ``awqtensor.quant``). Pickling (``torch.save``) always writes the "plain" packing.
+    stands for ``dequantize() = (q - zero) * scale * act_scale``. Pickling
+    (``torch.save``) always writes the "plain" packing.
     """
 
     tensor_data_names = ["qweight", "scales"]
