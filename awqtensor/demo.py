@@ -13,17 +13,17 @@ import torch
 from torch import nn
 
 from . import Int4AWQTensor, evaluation, quantize_, rtn_config, smollm2
+from .api import default_filter
 
 
 def linear_weight_bytes(model: nn.Module) -> int:
+    """Bytes held by the weights quantize_ selects by default (every Linear but lm_head)."""
     total = 0
-    for module in model.modules():
-        if isinstance(module, nn.Linear) and "lm_head" not in str(type(module)):
+    for name, module in model.named_modules():
+        if default_filter(module, name):
             w = module.weight
-            if isinstance(w, Int4AWQTensor):
-                total += sum(t.numel() * t.element_size() for t in (w.qweight, w.scales, w.zeros, w.act_scale) if t is not None)
-            else:
-                total += w.numel() * w.element_size()
+            parts = (w.qweight, w.scales, w.zeros, w.act_scale) if isinstance(w, Int4AWQTensor) else (w,)
+            total += sum(t.numel() * t.element_size() for t in parts if t is not None)
     return total
 
 
@@ -65,7 +65,7 @@ def main(argv=None):
 
     print(f"\nSmolLM2-135M-Instruct, perplexity on {args.windows} x 512 tokens of {args.eval_text}, "
           f"{args.threads} threads; quantized (round-to-nearest) in {quantize_s:.1f} s")
-    print(f"{'model':<12} {'perplexity':>10} {'linear weights':>15} {'decode tok/s':>13}")
+    print(f"{'model':<12} {'perplexity':>10} {'decoder Linears':>15} {'decode tok/s':>13}")
     for name, (ppl, size, tps, _) in results.items():
         print(f"{name:<12} {ppl:>10.2f} {size / 2**20:>12.1f} MB {tps:>13.1f}")
     (f_ppl, f_size, f_tps, _), (q_ppl, q_size, q_tps, _) = results.values()
