@@ -103,8 +103,3 @@ def dequantize(
     w = (g - z) * scales.float().unsqueeze(-1)
     return w.reshape(n, -1)[:, :in_features].to(dtype or scales.dtype)
 
-
-def fake_quantize(w: torch.Tensor, group_size: int, zero_point: bool) -> torch.Tensor:
-    """Quantize and dequantize in one step (AutoAWQ's ``pseudo_quantize_tensor``)."""
-    scales, zeros = choose_qparams(w, group_size, zero_point)
-    return dequantize(quantize(w, scales, zeros, group_size), scales, zeros, group_size, w.shape[1])
