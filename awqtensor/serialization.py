@@ -25,7 +25,7 @@ def flatten_state_dict(state_dict: dict) -> tuple[dict[str, torch.Tensor], dict[
     tensors, described = {}, {}
     for name, value in state_dict.items():
         if isinstance(value, Int4AWQTensor):
-            plain = packing.repack(value.qweight, value.k_padded, value.packing_format, packing.PLAIN)
+            plain = value.plain_qweight()
             for field, tensor in zip(FIELDS, (plain, value.scales, value.zeros, value.act_scale)):
                 if tensor is not None:
                     tensors[f"{name}.{field}"] = tensor.detach().contiguous()

@@ -94,6 +94,10 @@ class Int4AWQTensor(TorchAOBaseTensor):
     def k_padded(self) -> int:
         return self.scales.shape[1] * self.group_size
 
+    def plain_qweight(self) -> torch.Tensor:
+        """``qweight`` in the canonical "plain" layout (a no-op when it already is)."""
+        return packing.repack(self.qweight, self.k_padded, self.packing_format, packing.PLAIN)
+
     def dequantize(self) -> torch.Tensor:
         """The float weight [N, K] this tensor stands for, in its dtype."""
         return torch.ops.awqtensor.dequantize(
@@ -113,7 +117,7 @@ class Int4AWQTensor(TorchAOBaseTensor):
         target = packing.choose_packing(device, dtype, self.shape[0], self.group_size)
         if (self.device, self.dtype, self.packing_format) == (device, dtype, target):
             return self
-        plain = packing.repack(self.qweight, self.k_padded, self.packing_format, packing.PLAIN)
+        plain = self.plain_qweight()
         cast = (lambda t: None if t is None else t.to(device=device, dtype=dtype))
         return self._replace(
             qweight=packing.repack(plain.to(device), self.k_padded, packing.PLAIN, target),
@@ -126,7 +130,7 @@ class Int4AWQTensor(TorchAOBaseTensor):
     def __getstate__(self):
         # Checkpoints hold the canonical layout, readable on any machine.
         state = dict(self.__dict__)
-        state["qweight"] = packing.repack(self.qweight, self.k_padded, self.packing_format, packing.PLAIN)
+        state["qweight"] = self.plain_qweight()
         state["packing_format"] = packing.PLAIN
         return state
 
@@ -224,7 +228,7 @@ def _(func, types, args, kwargs):
     start, end, _ = slice(start, end).indices(self.shape[0])
     end = max(start, end)
     # Rows of a backend layout need not be contiguous, so slice the canonical one.
-    plain = packing.repack(self.qweight, self.k_padded, self.packing_format, packing.PLAIN)
+    plain = self.plain_qweight()
     rows = slice(start, end)
     sliced = self._replace(
         qweight=plain[rows], scales=self.scales[rows],

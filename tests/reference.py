@@ -22,10 +22,9 @@ def group_slices(k: int, group_size: int):
 
 def dequantize(t) -> np.ndarray:
     """float64 [N, K] weight an Int4AWQTensor stands for, computed from its canonical fields."""
-    from awqtensor import packing  # only to undo a backend layout; codes are read here
 
     n, k = t.shape
-    plain = packing.repack(t.qweight, t.k_padded, t.packing_format, packing.PLAIN)
+    plain = t.plain_qweight()
     codes = unpack_bytes(plain.cpu(), k)
     scales = t.scales.double().cpu().numpy()
     zeros = np.full(scales.shape, 8.0) if t.zeros is None else t.zeros.cpu().numpy().astype(np.float64)
