@@ -13,6 +13,8 @@ from torch import nn
 from torchao.quantization.transform_module import register_quantize_module_handler
 from tqdm.auto import tqdm
 
+from . import calibration
+from .calibration import observe
 from .config import AWQConfig, RTNConfig, _Int4WeightConfig
 from .tensor import Int4AWQTensor, validate_weight
 
@@ -22,6 +24,23 @@ FilterFn = Callable[[nn.Module, str], bool]
 def default_filter(module: nn.Module, name: str) -> bool:
     """Every nn.Linear except the output head."""
     return isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] != "lm_head"
+
+
+def conv1d_to_linear(model: nn.Module) -> nn.Module:
+    """Replace transformers' ``Conv1D`` (GPT-2's transposed Linear) by an equivalent
+    nn.Linear, in place, so its weight can be quantized like any other."""
+    for name, module in list(model.named_modules()):
+        if type(module).__name__ != "Conv1D" or not hasattr(module, "nf"):
+            continue
+        linear = nn.Linear(module.weight.shape[0], module.nf, bias=module.bias is not None,
+                           device=module.weight.device, dtype=module.weight.dtype)
+        with torch.no_grad():
+            linear.weight.copy_(module.weight.t())
+            if module.bias is not None:
+                linear.bias.copy_(module.bias)
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, linear)
+    return model
 
 
 def select_linears(model: nn.Module, config: _Int4WeightConfig, filter_fn: Optional[FilterFn] = None):
@@ -45,25 +64,39 @@ def quantize_(
     config: _Int4WeightConfig,
     *,
     calibration_data=None,
+    tokenizer=None,
     filter_fn: Optional[FilterFn] = None,
 ) -> nn.Module:
     """Quantize ``model``'s Linear weights in place to Int4AWQTensor and return the model.
 
+    GPT-2-style ``Conv1D`` layers are first turned into equivalent nn.Linear modules.
     Selection: ``filter_fn(module, name)`` if given, else every nn.Linear but ``lm_head``;
     names in ``config.modules_to_not_convert`` are always left alone. Every selected
     module is validated before any is converted, so a failure leaves the model unchanged.
+
+    ``awq_config()`` calibrates on ``calibration_data``: token ids ([n, T] tensor or a list
+    of 1-D ones), strings or a text file's ``Path`` with ``tokenizer=``, or model-input
+    dicts (see ``awqtensor.calibration``). ``awq_config(step="prepare")`` instead attaches
+    observers for the user's own forward passes, and ``step="convert"`` finishes.
     """
     if not isinstance(config, (RTNConfig, AWQConfig)):
         raise TypeError(f"quantize_ takes rtn_config(...) or awq_config(...), got {type(config).__name__}; "
                         f"for torchao's own configs call torchao.quantization.quantize_")
-    selected = select_linears(model, config, filter_fn)
+    selected = select_linears(conv1d_to_linear(model), config, filter_fn)
     if not selected:
         raise ValueError(f"quantize_ found no nn.Linear to quantize in {type(model).__name__} "
                          f"(filter_fn={filter_fn}, modules_to_not_convert={config.modules_to_not_convert})")
     for name, module in selected:
         validate_weight(module.weight, config.group_size, name=f"{name}.weight")
     if isinstance(config, AWQConfig):
-        raise NotImplementedError("AWQ calibration is not implemented yet; use rtn_config() for now")
+        if config.step is not None and calibration_data is not None:
+            raise ValueError(f"step={config.step!r} takes no calibration_data: run your own forwards "
+                             f"between step='prepare' and step='convert', or use step=None")
+        if config.step == "prepare":
+            return observe.prepare(model, config, selected)
+        if config.step == "convert":
+            return observe.convert(model, config, selected)
+        return calibration.calibrate(model, config, selected, calibration_data, tokenizer)
     for name, module in tqdm(selected, desc="quantizing", unit="linear", disable=None, leave=False):
         _swap_weight(module, config)
     return model
@@ -81,3 +114,25 @@ def _rtn_handler(module: nn.Module, config: RTNConfig, **_) -> nn.Module:
         raise TypeError(f"rtn_config applies to nn.Linear, got {type(module).__name__}")
     validate_weight(module.weight, config.group_size)
     return _swap_weight(module, config)
+
+
+@register_quantize_module_handler(AWQConfig)
+def _awq_handler(module: nn.Module, config: AWQConfig, **_) -> nn.Module:
+    """torchao's per-module path: prepare / convert only (one-call AWQ needs the whole
+    model: use awqtensor.quantize_). Scales are shared by Linears that read the same
+    input and kept in the tensors as act_scale (see awqtensor.calibration.observe)."""
+    if not isinstance(module, nn.Linear):
+        raise TypeError(f"awq_config applies to nn.Linear, got {type(module).__name__}")
+    if config.step == "prepare":
+        validate_weight(module.weight, config.group_size)
+        observe.observe_linear(module, config.group_size)
+    elif config.step == "convert":
+        if not hasattr(module, "_awq_observer"):
+            raise RuntimeError("this Linear was not prepared: torchao.quantization.quantize_(model, "
+                               "awq_config(step='prepare')), run forwards, then step='convert'")
+        observe._convert_unfolded(module, config)
+    else:
+        raise ValueError("through torchao.quantization.quantize_, AWQ runs in two steps: "
+                         "awq_config(step='prepare'), your forwards, then awq_config(step='convert'); "
+                         "for one call with calibration_data use awqtensor.quantize_")
+    return module

@@ -65,17 +65,22 @@ class AWQConfig(_Int4WeightConfig):
     as well as x_mean^r. clip: search a per-group clipping range after scaling.
     max_shrink / n_clip_grid: the clipping search's range and resolution.
     n_samples x seq_len: calibration tokens (AutoAWQ's defaults, 128 x 512).
+    search_tokens: how many of them (whole batches, evenly spaced) the one-call scale
+    search runs its module-output loss on; statistics and clipping use all tokens.
+    The loss costs a module forward per candidate, so this bounds calibration time.
+    duo_scaling: True (AutoAWQ), False (x-only), or "both" (search both families).
     step: None runs calibration and conversion in one call; "prepare" and "convert"
     split them for users running their own forward passes in between.
     """
 
     n_grid: int = 20
-    duo_scaling: bool = True
+    duo_scaling: bool | str = True
     clip: bool = True
     max_shrink: float = 0.5
     n_clip_grid: int = 20
     n_samples: int = 128
     seq_len: int = 512
+    search_tokens: int = 4096
     step: Optional[str] = None
 
     def __post_init__(self):
@@ -85,7 +90,10 @@ class AWQConfig(_Int4WeightConfig):
         _check_positive_int(owner, "n_clip_grid", self.n_clip_grid)
         _check_positive_int(owner, "n_samples", self.n_samples)
         _check_positive_int(owner, "seq_len", self.seq_len, minimum=2)
-        for name in ("duo_scaling", "clip"):
+        _check_positive_int(owner, "search_tokens", self.search_tokens)
+        if self.duo_scaling not in (True, False, "both"):
+            raise ValueError(f"{owner}: duo_scaling must be True, False or 'both', got {self.duo_scaling!r}")
+        for name in ("clip",):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{owner}: {name} must be True or False, got {getattr(self, name)!r}")
         if not isinstance(self.max_shrink, (int, float)) or not 0.0 <= self.max_shrink < 1.0:

@@ -103,3 +103,28 @@ def dequantize(
     w = (g - z) * scales.float().unsqueeze(-1)
     return w.reshape(n, -1)[:, :in_features].to(dtype or scales.dtype)
 
+
+
+def fake_quantize_groups(
+    g: torch.Tensor, zero_point: bool, lo: torch.Tensor | None = None, hi: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Quantize-dequantize fp32 groups ``g`` [..., group_size] in one pass (calibration's
+    inner loop). ``lo``/``hi`` [..., 1] override the range (clipping); for symmetric
+    quantization only ``hi`` is used, as the largest magnitude."""
+    if zero_point:
+        hi = g.amax(dim=-1, keepdim=True) if hi is None else hi
+        lo = g.amin(dim=-1, keepdim=True) if lo is None else lo
+        scale = (hi - lo).clamp(min=1e-5) / 15
+        zero = (-torch.round(lo / scale)).clamp(0, 15)
+        return (torch.clamp(torch.round(g / scale) + zero, 0, 15) - zero) * scale
+    hi = g.abs().amax(dim=-1, keepdim=True) if hi is None else hi
+    scale = hi.clamp(min=1e-5) / 7
+    return torch.clamp(torch.round(g / scale), -8, 7) * scale
+
+
+def fake_quantize(w: torch.Tensor, group_size: int, zero_point: bool) -> torch.Tensor:
+    """What the stored int4 weight will dequantize to, as fp32 [N, K]; equals
+    ``dequantize(quantize(w, *choose_qparams(w)))`` for fp32 ``w``."""
+    n, k = w.shape
+    group_size = k if group_size == -1 else group_size
+    return fake_quantize_groups(_grouped(w, group_size), zero_point).reshape(n, -1)[:, :k]

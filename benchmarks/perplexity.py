@@ -1,64 +1,103 @@
 """SmolLM2-135M-Instruct perplexity by the reference protocol (../shared/data/README.md):
-float vs round-to-nearest int4, with time and peak RSS. Prints a table, writes CSV.
+float, round-to-nearest and AWQ int4, with quantization time and peak RSS. Each method
+runs in its own process so its peak RSS is its own. Prints a table, writes CSV.
 
-    python benchmarks/perplexity.py --eval-text ../shared/data/enwiki_clean.txt --group-size 64
+    python benchmarks/perplexity.py --group-size 64 --methods float rtn awq
+
+Calibration (AWQ): the first 32 blocks of 512 tokens of --calib-text; evaluation: the
+first --windows blocks of --eval-text. Never the same text.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import json
 import platform
 import resource
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import torch
 
-from awqtensor import evaluation, quantize_, rtn_config, smollm2
+from awqtensor import awq_config, evaluation, quantize_, rtn_config, smollm2
+from awqtensor.calibration import calibrate
+from awqtensor.api import select_linears
+
+METHODS = ("float", "rtn", "awq", "awq-float-propagation", "awq-noclip")
 
 
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def run_one(args) -> dict:
+    """Quantize with one method and evaluate; runs in a child process."""
+    torch.set_num_threads(args.threads)
+    model, tokenizer = smollm2.load(torch.float32)
+    blocks = evaluation.token_blocks(tokenizer, args.eval_text, args.seq_len, args.windows)
+    t = time.perf_counter()
+    if args.method == "rtn":
+        quantize_(model, rtn_config(group_size=args.group_size))
+    elif args.method.startswith("awq"):
+        calib = evaluation.token_blocks(tokenizer, args.calib_text, args.seq_len, args.calib_blocks)
+        config = awq_config(group_size=args.group_size, n_samples=args.calib_blocks, seq_len=args.seq_len,
+                            clip=args.method != "awq-noclip")
+        propagate = "float" if args.method == "awq-float-propagation" else "quantized"
+        calibrate(model, config, select_linears(model, config), calib, propagate=propagate)
+    quantize_s = time.perf_counter() - t
+    quantize_rss = peak_rss_mb()
+    t = time.perf_counter()
+    ppl = evaluation.perplexity(model, blocks, args.method)
+    return {"method": args.method, "group_size": args.group_size, "ppl": ppl, "quantize_s": quantize_s,
+            "quantize_peak_rss_mb": quantize_rss, "eval_s": time.perf_counter() - t}
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--eval-text", default="../shared/data/enwiki_clean.txt")
+    parser.add_argument("--calib-text", default="../shared/data/lee.txt")
+    parser.add_argument("--calib-blocks", type=int, default=32)
     parser.add_argument("--group-size", type=int, default=64)
     parser.add_argument("--windows", type=int, default=40)
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--csv", default="benchmarks/results/perplexity_cpu.csv")
+    parser.add_argument("--methods", nargs="+", choices=METHODS, default=["float", "rtn", "awq"])
+    parser.add_argument("--method", help=argparse.SUPPRESS)  # child process: run one method, print JSON
+    parser.add_argument("--csv", default=None, help="default: benchmarks/results/perplexity_g{group_size}.csv")
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    if args.method:
+        print("RESULT " + json.dumps(run_one(args)))
+        return
 
-    model, tokenizer = smollm2.load(torch.float32)
-    blocks = evaluation.token_blocks(tokenizer, args.eval_text, args.seq_len, args.windows)
     rows = []
-    t = time.perf_counter()
-    rows.append({"method": "float", "ppl": evaluation.perplexity(model, blocks, "float"),
-                 "quantize_s": 0.0, "eval_s": time.perf_counter() - t})
-    t = time.perf_counter()
-    quantize_(model, rtn_config(group_size=args.group_size))
-    quantize_s = time.perf_counter() - t
-    t = time.perf_counter()
-    rows.append({"method": f"rtn g{args.group_size}", "ppl": evaluation.perplexity(model, blocks, "rtn"),
-                 "quantize_s": quantize_s, "eval_s": time.perf_counter() - t})
+    for method in args.methods:
+        child = [sys.executable, __file__, "--method", method] + [
+            a for a in sys.argv[1:] if a not in args.methods and a != "--methods"]
+        out = subprocess.run(child, check=True, capture_output=True, text=True).stdout
+        rows.append(json.loads(out.split("RESULT ", 1)[1]))
+        r = rows[-1]
+        print(f"{r['method']:<24} ppl {r['ppl']:.2f}  quantize {r['quantize_s']:.1f} s  "
+              f"peak RSS {r['quantize_peak_rss_mb']:.0f} MB  eval {r['eval_s']:.1f} s", flush=True)
 
-    print(f"SmolLM2-135M-Instruct fp32, {args.windows} x {args.seq_len} tokens of {args.eval_text}, "
-          f"{args.threads} threads, {platform.processor() or platform.machine()}, torch {torch.__version__}")
-    print(f"{'method':<12} {'ppl':>8} {'quantize s':>11} {'eval s':>8}")
+    device = f"cpu ({platform.processor() or platform.machine()}, {args.threads} threads)"
+    print(f"\nSmolLM2-135M-Instruct fp32, int4 asymmetric g{args.group_size}; calibration "
+          f"{args.calib_blocks} x {args.seq_len} tokens of {args.calib_text}; evaluation {args.windows} x "
+          f"{args.seq_len} tokens of {args.eval_text}; {device}, torch {torch.__version__}")
+    print(f"{'method':<24} {'ppl':>7} {'quantize s':>11} {'peak RSS MB':>12} {'eval s':>8}")
     for r in rows:
-        print(f"{r['method']:<12} {r['ppl']:>8.2f} {r['quantize_s']:>11.1f} {r['eval_s']:>8.1f}")
-    print(f"peak RSS {peak_rss_mb():.0f} MB")
-    Path(args.csv).parent.mkdir(parents=True, exist_ok=True)
-    with open(args.csv, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["method", "ppl", "quantize_s", "eval_s", "windows", "seq_len", "device", "torch"])
+        print(f"{r['method']:<24} {r['ppl']:>7.2f} {r['quantize_s']:>11.1f} {r['quantize_peak_rss_mb']:>12.0f} "
+              f"{r['eval_s']:>8.1f}")
+    path = Path(args.csv or f"benchmarks/results/perplexity_g{args.group_size}.csv")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]) + ["windows", "calib_blocks", "seq_len", "device", "torch"])
         writer.writeheader()
         for r in rows:
-            writer.writerow({**r, "windows": args.windows, "seq_len": args.seq_len,
-                             "device": f"cpu ({platform.machine()}, {args.threads} threads)", "torch": torch.__version__})
+            writer.writerow({**r, "windows": args.windows, "calib_blocks": args.calib_blocks,
+                             "seq_len": args.seq_len, "device": device, "torch": torch.__version__})
 
 
 if __name__ == "__main__":

@@ -28,7 +28,8 @@ def test_bad_group_size(group_size):
 
 @pytest.mark.parametrize("field,value,match", [
     ("n_grid", 0, "n_grid"), ("max_shrink", 1.0, "max_shrink"), ("seq_len", 1, "seq_len"),
-    ("step", "calibrate", "step"), ("clip", "yes", "clip"),
+    ("step", "calibrate", "step"), ("clip", "yes", "clip"), ("duo_scaling", "x", "duo_scaling"),
+    ("search_tokens", 0, "search_tokens"),
 ])
 def test_awq_config_validation(field, value, match):
     with pytest.raises((ValueError, TypeError), match=match):
@@ -87,8 +88,12 @@ def test_wrong_config_type_and_empty_selection():
 
 
 def test_awq_without_calibration_is_not_silently_rtn():
-    with pytest.raises(NotImplementedError):
-        quantize_(tiny_llama(), awq_config(group_size=32))
+    model = tiny_llama()
+    with pytest.raises(ValueError, match="needs calibration data"):
+        quantize_(model, awq_config(group_size=32))
+    assert not any(isinstance(p, Int4AWQTensor) for p in model.parameters())
+    with pytest.raises(ValueError, match="takes no calibration_data"):
+        quantize_(model, awq_config(group_size=32, step="prepare"), calibration_data=torch.zeros(1, 8))
 
 
 def test_torchao_quantize_accepts_rtn_config():

@@ -1,0 +1,209 @@
+"""The one-call AWQ path: block by block, mapping by mapping.
+
+For each block (in fp32, whatever the model's dtype):
+  1. discover the mappings (once per block type, see ``mappings``);
+  2. for each mapping in execution order: run the block on the calibration inputs up to
+     the mapping's loss module, recording that module's inputs and outputs and the
+     group's input statistics (mean |x| and per-group second moments); search the
+     shared scale by the loss module's output MSE; search clipping per Linear and keep
+     it only where the loss module's output error drops (this is how q/k end up
+     unclipped when clipping hurts them, without naming them); fold;
+  3. convert the block's Linears to Int4AWQTensor and compute the next block's inputs.
+
+Where we follow AutoAWQ: the scale formula and its normalisation, w_mean, x_mean, the
+ratio grid, the loss on the containing module's output, clipping after scaling.
+Where we differ, and why:
+  * the identity scale is always a candidate, so a mapping never ends worse than RTN
+    by the search's own measure, and a non-finite loss falls back to it with a warning;
+  * later mappings of a block are captured after earlier ones are folded, so each
+    search sees the block as it will be (AutoAWQ divides stored inputs by hand);
+  * clipping is scored on every calibration token through per-group second moments,
+    shrinks both ends of an asymmetric range, and is kept per Linear only if it lowers
+    the loss module's error (AutoAWQ subsamples 512 tokens and skips q/k by name);
+  * the next block is fed the *quantized* block's output by default (AutoAWQ feeds the
+    float one); ``benchmarks/awq_quality.py --propagate`` measures both.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import warnings
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .. import quant
+from ..tensor import Int4AWQTensor
+from .blocks import StopForward, cast_floats, find_blocks, first_block_inputs, first_tensor, run_block
+from .data import calibration_batches
+from .mappings import Mapping, apply_fold, discover
+from .search import clip_weight, group_grams, search_clip, search_scale, weight_profile
+
+log = logging.getLogger("awqtensor")
+
+PROPAGATE = ("quantized", "float")
+
+
+class _Capture:
+    """One pass of the block over the calibration inputs, stopped after ``loss_module``:
+    its (args, kwargs, output) per batch, and running statistics of the group's input."""
+
+    def __init__(self, block: nn.Module, mapping: Mapping, inputs, group_size: int, loss_batches: set[int]):
+        first = block.get_submodule(mapping.linears[0])
+        module = block.get_submodule(mapping.loss_module) if mapping.loss_module else block
+        self.records, self.abs_sum, self.grams, self.tokens = [], 0.0, 0.0, 0
+
+        def stats(_, args):
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
+            self.abs_sum = self.abs_sum + x.abs().sum(0)
+            self.grams = self.grams + group_grams(x, group_size)
+            self.tokens += x.shape[0]
+
+        def grab_in(_, args, kwargs):
+            if self.batch in loss_batches:
+                self.records.append([args, kwargs, None])
+
+        def grab_out(_, args, kwargs, out):
+            if self.batch in loss_batches:
+                self.records[-1][2] = first_tensor(out).detach()
+            raise StopForward
+
+        handles = [first.register_forward_pre_hook(stats),
+                   module.register_forward_pre_hook(grab_in, with_kwargs=True),
+                   module.register_forward_hook(grab_out, with_kwargs=True)]
+        try:
+            with torch.no_grad():
+                for self.batch, (args, kwargs) in enumerate(inputs):
+                    try:
+                        block(*args, **kwargs)
+                    except StopForward:
+                        pass
+        finally:
+            for h in handles:
+                h.remove()
+        self.module = module
+
+    def loss(self) -> float:
+        """Mean squared error of the loss module's output against the recorded one."""
+        total, count = 0.0, 0
+        with torch.no_grad():
+            for args, kwargs, target in self.records:
+                out = first_tensor(self.module(*args, **kwargs))
+                total += (out.float() - target.float()).pow(2).sum().item()
+                count += target.numel()
+        return total / count
+
+
+def _loss_batches(inputs, search_tokens: int) -> set[int]:
+    """Evenly spaced batch indices holding about ``search_tokens`` tokens."""
+    def tokens(args, kwargs):
+        hidden = next((t for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor)), None)
+        return 1 if hidden is None else hidden.shape[:-1].numel()
+
+    per_batch = max(tokens(*batch) for batch in inputs)
+    n = min(len(inputs), max(1, math.ceil(search_tokens / per_batch)))
+    return {int(i * len(inputs) / n) for i in range(n)}
+
+
+def _calibrate_mapping(block, mapping: Mapping, inputs, config, where: str):
+    """Search, clip and fold one mapping in place; returns the scale the Linears must keep
+    as act_scale (1/s) when nothing could fold it, else None."""
+    linears = [block.get_submodule(n) for n in mapping.linears]
+    gs = config.group_size
+    capture = _Capture(block, mapping, inputs, gs, _loss_batches(inputs, config.search_tokens))
+    originals = [lin.weight.detach().clone() for lin in linears]
+    x_mean = capture.abs_sum / max(capture.tokens, 1)
+    label = f"{where}{'{' + ','.join(mapping.linears) + '}' if len(linears) > 1 else mapping.linears[0]}"
+    if not (torch.isfinite(x_mean).all() and torch.isfinite(capture.grams).all()):
+        warnings.warn(f"{label}: NaN/Inf in the calibration activations; using scale 1 and no clipping "
+                      f"here (plain round-to-nearest)", stacklevel=4)
+        return None
+
+    def loss_with(scaled: list[torch.Tensor], s: torch.Tensor) -> float:
+        for lin, w in zip(linears, scaled):
+            lin.weight.data = quant.fake_quantize(w, gs, config.zero_point) / s
+        return capture.loss()
+
+    w_mean = weight_profile(originals, gs)
+    s, choice, before, after = search_scale(
+        lambda s: loss_with([w * s for w in originals], s), x_mean, w_mean, config.n_grid, config.duo_scaling)
+    if not math.isfinite(after):
+        warnings.warn(f"{label}: no scale gave a finite loss; using scale 1", stacklevel=4)
+    scaled = [w * s for w in originals]
+    if config.clip:
+        grams = capture.grams
+        k = originals[0].shape[1]
+        pad = grams.shape[0] * grams.shape[1] - k
+        s_pad = torch.nn.functional.pad(s, (0, pad), value=1.0).reshape(grams.shape[0], -1)
+        grams = grams / (s_pad.unsqueeze(-1) * s_pad.unsqueeze(-2))  # inputs become x / s
+        for i, w in enumerate(scaled):
+            lo, hi = search_clip(w, grams, gs, config.zero_point, config.max_shrink, config.n_clip_grid)
+            trial = list(scaled)
+            trial[i] = clip_weight(w, lo, hi, gs, config.zero_point)
+            clipped_loss = loss_with(trial, s)
+            if clipped_loss < after:
+                scaled, after = trial, clipped_loss
+            else:
+                log.debug("%s: clipping %s skipped (loss %.4g vs %.4g)", label, mapping.linears[i], clipped_loss, after)
+    log.debug("%s: loss %.4g -> %.4g (%s)", label, before, after, choice)
+    for lin, w in zip(linears, scaled):
+        lin.weight.data = w / s if mapping.fold == "act_scale" else w
+    apply_fold(block, mapping, s)
+    return s if mapping.fold == "act_scale" else None
+
+
+def calibrate(model: nn.Module, config, selected, calibration_data, tokenizer=None, *, propagate: str = "quantized"):
+    """Run AWQ on ``model`` and convert the ``selected`` [(name, Linear)] in place."""
+    if propagate not in PROPAGATE:
+        raise ValueError(f"propagate must be one of {PROPAGATE}, got {propagate!r}")
+    names = {id(m): n for n, m in selected}
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    vocab = getattr(embeddings, "num_embeddings", None)
+    batches = calibration_batches(calibration_data, config.n_samples, config.seq_len, tokenizer, vocab)
+    prefix, blocks = find_blocks(model, [m for _, m in selected])
+    with torch.no_grad():
+        inputs = cast_floats(first_block_inputs(model, blocks[0], batches), torch.float32)
+    done, discovered = set(), {}
+    for index, block in enumerate(tqdm(blocks, desc="AWQ", unit="block", disable=None)):
+        where = f"{prefix}.{index}." if prefix else ""
+        block_linears = [(n, m) for n, m in block.named_modules() if id(m) in names]
+        dtype = next(block.parameters()).dtype
+        last = index == len(blocks) - 1
+        float_outputs = None
+        if block_linears:
+            block.float()
+            key = (type(block), tuple(n for n, _ in block_linears))
+            if key not in discovered:
+                discovered[key] = discover(block, *inputs[0], [n for n, _ in block_linears])
+                log.debug("mappings of %s: %s", type(block).__name__, discovered[key])
+            if propagate == "float" and not last:
+                float_outputs = run_block(block, inputs, torch.float32)
+            act_scales = {}
+            for mapping in discovered[key]:
+                s = _calibrate_mapping(block, mapping, inputs, config, where)
+                for n in mapping.linears:
+                    act_scales[n] = s
+            block.to(dtype)
+            for n, linear in block_linears:
+                s = act_scales.get(n)
+                weight = linear.weight.detach()
+                if s is not None:
+                    weight = (weight.float() * s).to(dtype)
+                    s = (1 / s).to(dtype)
+                linear.weight = nn.Parameter(
+                    Int4AWQTensor.from_float(weight, config.group_size, config.zero_point, s, name=f"{where}{n}.weight"),
+                    requires_grad=False)
+                done.add(id(linear))
+        if not last:
+            inputs = float_outputs if float_outputs is not None else run_block(block, inputs, dtype)
+            inputs = cast_floats(inputs, torch.float32)
+    rest = [(n, m) for n, m in selected if id(m) not in done]
+    if rest:
+        warnings.warn(f"{len(rest)} Linears lie outside the calibrated blocks ({rest[0][0]}, ...); they are "
+                      f"quantized round-to-nearest", stacklevel=3)
+        for name, linear in rest:
+            linear.weight = nn.Parameter(Int4AWQTensor.from_float(
+                linear.weight.detach(), config.group_size, config.zero_point, name=f"{name}.weight"), requires_grad=False)
+    return model

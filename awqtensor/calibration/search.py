@@ -1,0 +1,123 @@
+"""The two searches: a shared per-input-channel scale for a group of Linears, and a
+per-(output row, group) clipping range for each Linear.
+
+Both score candidates by an output error, never by the weight error:
+
+* ``search_scale`` takes a ``loss(scales)`` callable. The one-call path passes the MSE
+  of the smallest module that holds the group (attention, MLP, or the lone Linear) run
+  on the captured inputs; the prepare/convert path passes the Linears' own output MSE
+  computed from running second moments (``gram_loss``).
+* ``search_clip`` needs only the second moments of the Linear's input within each
+  group, ``X_g^T X_g``: the error of a group's partial output is ``e Σ_g e^T`` exactly.
+  That uses every calibration token, where AutoAWQ subsamples 512.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .. import quant
+
+ROW_CHUNK = 1024  # output rows per step of the clipping search: bounds its memory
+
+
+def weight_profile(weights: list[torch.Tensor], group_size: int) -> torch.Tensor:
+    """AutoAWQ's w_mean [K]: |w| normalised by its group's max, averaged over all rows
+    of all Linears in the group."""
+    w = torch.cat([w.float() for w in weights])
+    k = w.shape[1]
+    g = quant._grouped(w, k if group_size == -1 else group_size)
+    g = g.abs() / g.abs().amax(dim=-1, keepdim=True).clamp(min=1e-12)
+    return g.reshape(w.shape[0], -1)[:, :k].mean(0)
+
+
+def scale_candidates(x_mean: torch.Tensor, w_mean: torch.Tensor, n_grid: int, duo_scaling):
+    """(label, s) pairs: identity first (plain RTN), then the ratio grid of the chosen
+    families: duo ``x^r / w^(1-r)`` and/or x-only ``x^r``, r = i / n_grid."""
+    yield "identity", torch.ones_like(x_mean)
+    families = {True: ("duo",), False: ("x",), "both": ("duo", "x")}[duo_scaling]
+    x_mean = x_mean.clamp(min=1e-8)
+    for family in families:
+        for i in range(n_grid):
+            r = i / n_grid
+            if family == "x" and i == 0:
+                continue  # x^0 is the identity, already tried
+            s = x_mean.pow(r) / (w_mean.pow(1 - r) + 1e-4) if family == "duo" else x_mean.pow(r)
+            s = s.clamp(min=1e-4)
+            s = s / (s.max() * s.min()).sqrt()
+            yield f"{family} r={r:.2f}", s
+
+
+def search_scale(loss_fn, x_mean, w_mean, n_grid, duo_scaling):
+    """(best scale, best label, loss of the identity, best loss). Candidates with a
+    non-finite loss are never chosen; if none is finite the identity is returned."""
+    best = (torch.ones_like(x_mean), "identity", math.inf)
+    identity_loss = math.inf
+    for label, s in scale_candidates(x_mean, w_mean, n_grid, duo_scaling):
+        loss = loss_fn(s)
+        if label == "identity":
+            identity_loss = loss
+        if math.isfinite(loss) and loss < best[2]:
+            best = (s, label, loss)
+    return best[0], best[1], identity_loss, best[2]
+
+
+def gram_loss(weights: list[torch.Tensor], gram: torch.Tensor, s: torch.Tensor, group_size: int, zero_point: bool) -> float:
+    """Σ over the Linears of E[(x (Q(W s)/s - W)^T)^2], from the input second moment
+    ``gram = E[x^T x]`` [K, K]: trace(E Σ E^T) per Linear, no activations needed."""
+    total = 0.0
+    for w in weights:
+        w = w.float()
+        err = quant.fake_quantize(w * s, group_size, zero_point) / s - w
+        total += (err @ gram * err).sum().item()
+    return total
+
+
+def group_grams(x: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Sum over tokens of x_g^T x_g per group: [n_groups, group_size, group_size]
+    (columns past K are zero padding). ``x`` is [tokens, K]."""
+    t, k = x.shape
+    group_size = k if group_size == -1 else group_size
+    pad = quant.n_groups(k, group_size) * group_size - k
+    x = torch.nn.functional.pad(x.float(), (0, pad)).reshape(t, -1, group_size).transpose(0, 1)
+    return x.transpose(1, 2) @ x
+
+
+def search_clip(w: torch.Tensor, grams: torch.Tensor, group_size: int, zero_point: bool,
+                max_shrink: float, n_grid: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-(row, group) range (lo, hi), each [N, n_groups, 1], minimising each group's
+    output error ``e Σ_g e^T``. Shrink fractions tried: max_shrink * i / n_grid,
+    i = 0..n_grid-1, applied to both ends (only to max|w| when symmetric)."""
+    n, k = w.shape
+    gs = k if group_size == -1 else group_size
+    g_all = quant._grouped(w, gs)  # padded columns: zero rows/cols in ``grams``, so they never count
+    los, his = [], []
+    for rows in torch.arange(n).split(ROW_CHUNK):
+        g = g_all[rows]
+        hi0 = g.amax(dim=-1, keepdim=True) if zero_point else g.abs().amax(dim=-1, keepdim=True)
+        lo0 = g.amin(dim=-1, keepdim=True)
+        best_err = torch.full(g.shape[:2], math.inf)
+        best_shrink = torch.zeros(g.shape[:2])
+        for i in range(n_grid):
+            shrink = max_shrink * i / n_grid
+            hi, lo = hi0 * (1 - shrink), lo0 * (1 - shrink)
+            e = quant.fake_quantize_groups(g, zero_point, lo, hi) - g
+            err = torch.einsum("ngi,gij,ngj->ng", e, grams, e)
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best_shrink = torch.where(better, torch.full_like(best_shrink, shrink), best_shrink)
+        factor = (1 - best_shrink).unsqueeze(-1)
+        his.append(hi0 * factor)
+        los.append(lo0 * factor)
+    return torch.cat(los), torch.cat(his)
+
+
+def clip_weight(w: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, group_size: int, zero_point: bool) -> torch.Tensor:
+    """``w`` clamped per (row, group) to the searched range, [N, K] in w's dtype; its
+    min/max then reproduce the range, so plain quantization applies the clipping."""
+    n, k = w.shape
+    g = quant._grouped(w, k if group_size == -1 else group_size)
+    g = torch.clamp(g, -hi, hi) if not zero_point else torch.maximum(torch.minimum(g, hi), lo)
+    return g.reshape(n, -1)[:, :k].to(w.dtype)
