@@ -1,6 +1,11 @@
-"""The demo: quantize the bundled SmolLM2-135M-Instruct and print what it gained.
+"""The demo: quantize the bundled SmolLM2-135M-Instruct with AWQ and print what it gained
+against the float model and round-to-nearest.
 
     python -m awqtensor.demo --eval-text ../shared/data/enwiki_clean.txt
+
+AWQ calibrates on --calib-text (a different text from the evaluation one), lighter than
+the benchmark's 32 x 512 so the demo takes minutes: see benchmarks/perplexity.py for
+the reference protocol.
 """
 
 from __future__ import annotations
@@ -12,7 +17,7 @@ import time
 import torch
 from torch import nn
 
-from . import Int4AWQTensor, evaluation, quantize_, rtn_config, smollm2
+from . import Int4AWQTensor, awq_config, evaluation, quantize_, rtn_config, smollm2
 from .api import default_filter
 
 
@@ -42,6 +47,9 @@ def generate(model, tokenizer, prompt: str, new_tokens: int) -> tuple[str, float
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Quantize SmolLM2-135M-Instruct to int4 and compare it with float.")
     parser.add_argument("--eval-text", default="../shared/data/enwiki_clean.txt", help="text for perplexity")
+    parser.add_argument("--calib-text", default="../shared/data/lee.txt", help="text for AWQ calibration")
+    parser.add_argument("--calib-samples", type=int, default=8, help="512-token calibration sequences")
+    parser.add_argument("--search-tokens", type=int, default=2048, help="tokens the scale search's loss uses")
     parser.add_argument("--group-size", type=int, default=64)
     parser.add_argument("--windows", type=int, default=10, help="512-token windows (the reference protocol uses 40)")
     parser.add_argument("--new-tokens", type=int, default=32)
@@ -53,23 +61,33 @@ def main(argv=None):
     blocks = evaluation.token_blocks(tokenizer, args.eval_text, 512, args.windows)
     prompt = "What is the capital of France? Answer in one sentence."
 
-    results = {}
-    quantized = copy.deepcopy(model)
-    start = time.perf_counter()
-    quantize_(quantized, rtn_config(group_size=args.group_size))
-    quantize_s = time.perf_counter() - start
-    for name, m in (("float32", model), (f"int4 g{args.group_size}", quantized)):
+    calib = evaluation.token_blocks(tokenizer, args.calib_text, 512, args.calib_samples)
+    configs = {
+        f"rtn g{args.group_size}": (rtn_config(group_size=args.group_size), None),
+        f"awq g{args.group_size}": (awq_config(group_size=args.group_size, n_samples=args.calib_samples,
+                                               seq_len=512, search_tokens=args.search_tokens), calib),
+    }
+    results, times = {}, {}
+    for name, m in [("float32", model)] + [(name, copy.deepcopy(model)) for name in configs]:
+        if name in configs:
+            config, data = configs[name]
+            start = time.perf_counter()
+            quantize_(m, config, calibration_data=data)
+            times[name] = time.perf_counter() - start
         ppl = evaluation.perplexity(m, blocks, desc=name)
         text, tps = generate(m, tokenizer, prompt, args.new_tokens)
         results[name] = (ppl, linear_weight_bytes(m), tps, text)
 
     print(f"\nSmolLM2-135M-Instruct, perplexity on {args.windows} x 512 tokens of {args.eval_text}, "
-          f"{args.threads} threads; quantized (round-to-nearest) in {quantize_s:.1f} s")
-    print(f"{'model':<12} {'perplexity':>10} {'decoder Linears':>15} {'decode tok/s':>13}")
+          f"{args.threads} threads; AWQ calibrated on {args.calib_samples} x 512 tokens of {args.calib_text}")
+    print(f"{'model':<10} {'perplexity':>10} {'decoder Linears':>15} {'decode tok/s':>13} {'quantize s':>11}")
     for name, (ppl, size, tps, _) in results.items():
-        print(f"{name:<12} {ppl:>10.2f} {size / 2**20:>12.1f} MB {tps:>13.1f}")
-    (f_ppl, f_size, f_tps, _), (q_ppl, q_size, q_tps, _) = results.values()
-    print(f"weights {f_size / q_size:.1f}x smaller, perplexity +{q_ppl - f_ppl:.2f}, decode {q_tps / f_tps:.2f}x float speed")
+        print(f"{name:<10} {ppl:>10.2f} {size / 2**20:>12.1f} MB {tps:>13.1f} {times.get(name, 0.0):>11.1f}")
+    f_ppl, f_size, f_tps, _ = results["float32"]
+    r_ppl = results[f"rtn g{args.group_size}"][0]
+    q_ppl, q_size, q_tps, _ = results[f"awq g{args.group_size}"]
+    print(f"AWQ: weights {f_size / q_size:.1f}x smaller, perplexity +{q_ppl - f_ppl:.2f} over float "
+          f"(round-to-nearest: +{r_ppl - f_ppl:.2f}), decode {q_tps / f_tps:.2f}x float speed")
     for name, (*_, text) in results.items():
         print(f"\n[{name}] {prompt}\n  -> {text}")
 

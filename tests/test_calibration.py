@@ -300,3 +300,37 @@ def test_too_few_samples_warns_and_strings_are_tokenized():
         quantize_(model, awq_config(group_size=32, seq_len=32, n_samples=16),
                   calibration_data=["calibration text " * 20], tokenizer=CharTokenizer())
     assert isinstance(model.model.layers[0].mlp.down_proj.weight, Int4AWQTensor)
+
+
+@pytest.mark.parametrize("group_size,k", [(32, 96), (64, 80), (-1, 48)])
+def test_group_second_moments_give_the_exact_partial_output_error(group_size, k):
+    from awqtensor.calibration.search import group_grams
+
+    gen = torch.Generator().manual_seed(k)
+    x, e = torch.randn(200, k, generator=gen, dtype=torch.float64), torch.randn(7, k, generator=gen, dtype=torch.float64)
+    gs = k if group_size == -1 else group_size
+    grams = group_grams(x, group_size).double()
+    e_pad = torch.nn.functional.pad(e, (0, grams.shape[0] * gs - k)).reshape(7, -1, gs)
+    via_moments = torch.einsum("ngi,gij,ngj->ng", e_pad, grams, e_pad)
+    x_pad = torch.nn.functional.pad(x, (0, grams.shape[0] * gs - k)).reshape(200, -1, gs)
+    direct = torch.einsum("tgi,ngi->tng", x_pad, e_pad).pow(2).sum(0)
+    assert torch.allclose(via_moments, direct, rtol=1e-4)
+
+
+@pytest.mark.parametrize("zero_point", [True, False])
+def test_clipping_lowers_the_output_error(zero_point):
+    from awqtensor import quant
+    from awqtensor.calibration.search import clip_weight, group_grams, search_clip
+
+    torch.manual_seed(int(zero_point))
+    gen = torch.Generator().manual_seed(int(zero_point))
+    x = torch.randn(512, 128, generator=gen)
+    w = torch.distributions.StudentT(3.0).sample((48, 128))  # heavy tails stretch the groups' ranges
+    lo, hi = search_clip(w, group_grams(x, 32), 32, zero_point, 0.5, 20)
+    clipped = clip_weight(w, lo, hi, 32, zero_point)
+    assert not torch.equal(clipped, w)
+
+    def output_error(weight):
+        return (x @ (quant.fake_quantize(weight, 32, zero_point) - w).T).pow(2).sum()
+
+    assert output_error(clipped) < 0.97 * output_error(w)

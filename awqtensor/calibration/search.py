@@ -89,28 +89,40 @@ def search_clip(w: torch.Tensor, grams: torch.Tensor, group_size: int, zero_poin
                 max_shrink: float, n_grid: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-(row, group) range (lo, hi), each [N, n_groups, 1], minimising each group's
     output error ``e Σ_g e^T``. Shrink fractions tried: max_shrink * i / n_grid,
-    i = 0..n_grid-1, applied to both ends (only to max|w| when symmetric)."""
+    i = 0..n_grid-1, first on both ends together (only on max|w| when symmetric); with a
+    zero point, then on the top end alone and the bottom end alone, each from the best
+    so far, since an asymmetric range's two ends need not clip alike."""
     n, k = w.shape
     gs = k if group_size == -1 else group_size
     g_all = quant._grouped(w, gs)  # padded columns: zero rows/cols in ``grams``, so they never count
+    shrinks = [max_shrink * i / n_grid for i in range(n_grid)]
     los, his = [], []
     for rows in torch.arange(n).split(ROW_CHUNK):
         g = g_all[rows]
         hi0 = g.amax(dim=-1, keepdim=True) if zero_point else g.abs().amax(dim=-1, keepdim=True)
         lo0 = g.amin(dim=-1, keepdim=True)
-        best_err = torch.full(g.shape[:2], math.inf)
-        best_shrink = torch.zeros(g.shape[:2])
-        for i in range(n_grid):
-            shrink = max_shrink * i / n_grid
-            hi, lo = hi0 * (1 - shrink), lo0 * (1 - shrink)
-            e = quant.fake_quantize_groups(g, zero_point, lo, hi) - g
-            err = torch.einsum("ngi,gij,ngj->ng", e, grams, e)
-            better = err < best_err
-            best_err = torch.where(better, err, best_err)
-            best_shrink = torch.where(better, torch.full_like(best_shrink, shrink), best_shrink)
-        factor = (1 - best_shrink).unsqueeze(-1)
-        his.append(hi0 * factor)
-        los.append(lo0 * factor)
+        best = [torch.full(g.shape[:2] + (1,), math.inf), lo0, hi0]  # error, lo, hi
+
+        def try_ranges(lo, hi):  # exactly what clip_weight + plain quantization will give
+            clamped = torch.maximum(torch.minimum(g, hi), lo) if zero_point else torch.clamp(g, -hi, hi)
+            e = quant.fake_quantize_groups(clamped, zero_point, lo, hi) - g
+            err = torch.einsum("ngi,gij,ngj->ng", e, grams, e).unsqueeze(-1)
+            better = err < best[0]
+            best[0] = torch.where(better, err, best[0])
+            best[1] = torch.where(better, lo, best[1])
+            best[2] = torch.where(better, hi, best[2])
+
+        for shrink in shrinks:
+            try_ranges(lo0 * (1 - shrink), hi0 * (1 - shrink))
+        if zero_point:
+            lo_fixed = best[1]
+            for shrink in shrinks:
+                try_ranges(lo_fixed, hi0 * (1 - shrink))
+            hi_fixed = best[2]
+            for shrink in shrinks:
+                try_ranges(lo0 * (1 - shrink), hi_fixed)
+        los.append(best[1])
+        his.append(best[2])
     return torch.cat(los), torch.cat(his)
 
 
