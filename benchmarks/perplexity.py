@@ -26,7 +26,7 @@ from awqtensor import awq_config, evaluation, quantize_, rtn_config, smollm2
 from awqtensor.calibration import calibrate
 from awqtensor.api import select_linears
 
-METHODS = ("float", "rtn", "awq", "awq-float-propagation", "awq-noclip")
+METHODS = ("float", "rtn", "awq", "awq-two-step", "awq-float-propagation", "awq-noclip")
 
 
 def peak_rss_mb() -> float:
@@ -37,7 +37,6 @@ def run_one(args) -> dict:
     """Quantize with one method and evaluate; runs in a child process."""
     torch.set_num_threads(args.threads)
     model, tokenizer = smollm2.load(torch.float32)
-    blocks = evaluation.token_blocks(tokenizer, args.eval_text, args.seq_len, args.windows)
     t = time.perf_counter()
     if args.method == "rtn":
         quantize_(model, rtn_config(group_size=args.group_size))
@@ -46,9 +45,17 @@ def run_one(args) -> dict:
         config = awq_config(group_size=args.group_size, n_samples=args.calib_blocks, seq_len=args.seq_len,
                             clip=args.method != "awq-noclip")
         propagate = "float" if args.method == "awq-float-propagation" else "quantized"
-        calibrate(model, config, select_linears(model, config), calib, propagate=propagate)
+        if args.method == "awq-two-step":  # prepare, the user's forwards, convert
+            quantize_(model, awq_config(group_size=args.group_size, step="prepare"))
+            with torch.no_grad():
+                for batch in calib.split(8):
+                    model(batch, use_cache=False)
+            quantize_(model, awq_config(group_size=args.group_size, step="convert"))
+        else:
+            calibrate(model, config, select_linears(model, config), calib, propagate=propagate)
     quantize_s = time.perf_counter() - t
-    quantize_rss = peak_rss_mb()
+    quantize_rss = peak_rss_mb()  # before the evaluation text is tokenized (a ~400 MB transient)
+    blocks = evaluation.token_blocks(tokenizer, args.eval_text, args.seq_len, args.windows)
     t = time.perf_counter()
     ppl = evaluation.perplexity(model, blocks, args.method)
     return {"method": args.method, "group_size": args.group_size, "ppl": ppl, "quantize_s": quantize_s,

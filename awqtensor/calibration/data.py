@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-BATCH_SIZE = 8  # blocks per forward: bounds attention-mask and activation memory
+BATCH_SIZE = 4  # blocks per forward: bounds attention-mask and activation memory
 
 
 def calibration_batches(data, n_samples: int, seq_len: int, tokenizer=None, vocab_size: int | None = None):

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .blocks import first_tensor
+from .blocks import first_tensor, map_tensors
 
 # How a producer absorbs 1/s. "act_scale": nothing can; the tensor keeps 1/s itself.
 FOLDS = ("linear", "norm", "norm_one_plus", "act_scale")
@@ -126,12 +126,28 @@ def _loss_module(names: tuple[str, ...], records) -> str:
     return ""
 
 
+def _one_sample(args, kwargs):
+    """The inputs cut to the first sample (every tensor whose first dimension is the
+    batch), so the probe holds one sequence's activations, not a batch's."""
+    hidden = next((t for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor)), None)
+    if hidden is None or hidden.dim() < 2 or hidden.shape[0] == 1:
+        return args, kwargs
+    batch = hidden.shape[0]
+    cut = lambda t: t[:1] if t.dim() >= 1 and t.shape[0] == batch else t  # noqa: E731
+    return map_tensors(args, cut), map_tensors(kwargs, cut)
+
+
 @torch.no_grad()
 def discover(block: nn.Module, args, kwargs, linear_names: list[str]) -> list[Mapping]:
     """The block's mappings, in execution order. ``linear_names`` are the Linears (inside
     the block) to quantize; others may still serve as producers."""
     all_names = [name for name, _ in block.named_modules() if name]
-    records, order = _trace(block, args, kwargs, all_names)
+    try:
+        probe_args, probe_kwargs = _one_sample(args, kwargs)
+        records, order = _trace(block, probe_args, probe_kwargs, all_names)
+        args, kwargs = probe_args, probe_kwargs
+    except Exception:  # a block whose inputs do not all batch along dim 0: probe the whole batch
+        records, order = _trace(block, args, kwargs, all_names)
     missing = [n for n in linear_names if n not in records]
     if missing:
         raise RuntimeError(f"Linears {missing} did not run in the calibration forward; they cannot be "
