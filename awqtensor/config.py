@@ -65,9 +65,11 @@ class AWQConfig(_Int4WeightConfig):
     as well as x_mean^r. clip: search a per-group clipping range after scaling.
     max_shrink / n_clip_grid: the clipping search's range and resolution.
     n_samples x seq_len: calibration tokens (AutoAWQ's defaults, 128 x 512).
-    search_tokens: how many of them (whole batches, evenly spaced) the one-call scale
-    search runs its module-output loss on; statistics and clipping use all tokens.
-    The loss costs a module forward per candidate, so this bounds calibration time.
+    n_finalists: the one-call scale search first scores every grid point by the group's
+    Linear-output error (from second moments, over all tokens, nearly free), then runs
+    the containing module on the calibration data for the identity and these best few.
+    search_tokens: cap on the tokens those module runs use (whole batches, evenly
+    spaced; None = all). Statistics and clipping always use all tokens.
     duo_scaling: True (AutoAWQ), False (x-only), or "both" (search both families).
     step: None runs calibration and conversion in one call; "prepare" and "convert"
     split them for users running their own forward passes in between.
@@ -80,7 +82,8 @@ class AWQConfig(_Int4WeightConfig):
     n_clip_grid: int = 20
     n_samples: int = 128
     seq_len: int = 512
-    search_tokens: int = 4096
+    n_finalists: int = 4
+    search_tokens: Optional[int] = None
     step: Optional[str] = None
 
     def __post_init__(self):
@@ -90,7 +93,9 @@ class AWQConfig(_Int4WeightConfig):
         _check_positive_int(owner, "n_clip_grid", self.n_clip_grid)
         _check_positive_int(owner, "n_samples", self.n_samples)
         _check_positive_int(owner, "seq_len", self.seq_len, minimum=2)
-        _check_positive_int(owner, "search_tokens", self.search_tokens)
+        _check_positive_int(owner, "n_finalists", self.n_finalists)
+        if self.search_tokens is not None:
+            _check_positive_int(owner, "search_tokens", self.search_tokens)
         if self.duo_scaling not in (True, False, "both"):
             raise ValueError(f"{owner}: duo_scaling must be True, False or 'both', got {self.duo_scaling!r}")
         for name in ("clip",):

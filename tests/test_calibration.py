@@ -214,15 +214,16 @@ def test_model_without_blocks_is_calibrated_whole_with_a_warning():
     assert isinstance(model.a.weight, Int4AWQTensor)
 
 
-def test_half_precision_model_calibrates_in_fp32():
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_model_calibrates_in_fp32(dtype):
     held = calibration_ids(2, 32, seed=5)
     reference = outlier_llama()
     with torch.no_grad():
         expected = reference(held).logits
-    model = outlier_llama().to(torch.bfloat16)
+    model = outlier_llama().to(dtype)
     quantize_(model, awq_config(group_size=32, n_samples=8, seq_len=32), calibration_data=calibration_ids())
     w = model.model.layers[0].self_attn.q_proj.weight
-    assert w.dtype == torch.bfloat16 and torch.isfinite(w.scales).all()
+    assert w.dtype == dtype and torch.isfinite(w.scales).all()
     with torch.no_grad():
         assert sqnr_db(expected, model(held).logits.float()) > 10
 

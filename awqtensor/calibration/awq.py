@@ -39,7 +39,8 @@ from ..tensor import Int4AWQTensor
 from .blocks import StopForward, cast_floats, find_blocks, first_block_inputs, first_tensor, run_block
 from .data import calibration_batches
 from .mappings import Mapping, apply_fold, discover
-from .search import clip_weight, group_grams, search_clip, search_scale, weight_profile
+from .search import (clip_weight, group_grams, moment_loss, scaled_grams, search_clip, search_scale,
+                     weight_profile)
 
 log = logging.getLogger("awqtensor")
 
@@ -96,8 +97,10 @@ class _Capture:
         return total / count
 
 
-def _loss_batches(inputs, search_tokens: int) -> set[int]:
-    """Evenly spaced batch indices holding about ``search_tokens`` tokens."""
+def _loss_batches(inputs, search_tokens: int | None) -> set[int]:
+    """Evenly spaced batch indices holding about ``search_tokens`` tokens (None: all)."""
+    if search_tokens is None:
+        return set(range(len(inputs)))
     def tokens(args, kwargs):
         hidden = next((t for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor)), None)
         return 1 if hidden is None else hidden.shape[:-1].numel()
@@ -127,17 +130,15 @@ def _calibrate_mapping(block, mapping: Mapping, inputs, config, where: str):
         return capture.loss()
 
     w_mean = weight_profile(originals, gs)
+    grams = capture.grams / capture.tokens
     s, choice, before, after = search_scale(
-        lambda s: loss_with([w * s for w in originals], s), x_mean, w_mean, config.n_grid, config.duo_scaling)
+        lambda s: loss_with([w * s for w in originals], s), x_mean, w_mean, config.n_grid, config.duo_scaling,
+        screen_fn=lambda s: moment_loss(originals, grams, s, gs, config.zero_point), finalists=config.n_finalists)
     if not math.isfinite(after):
         warnings.warn(f"{label}: no scale gave a finite loss; using scale 1", stacklevel=4)
     scaled = [w * s for w in originals]
     if config.clip:
-        grams = capture.grams
-        k = originals[0].shape[1]
-        pad = grams.shape[0] * grams.shape[1] - k
-        s_pad = torch.nn.functional.pad(s, (0, pad), value=1.0).reshape(grams.shape[0], -1)
-        grams = grams / (s_pad.unsqueeze(-1) * s_pad.unsqueeze(-2))  # inputs become x / s
+        grams = scaled_grams(grams, s)  # the Linears will read x / s
         for i, w in enumerate(scaled):
             lo, hi = search_clip(w, grams, gs, config.zero_point, config.max_shrink, config.n_clip_grid)
             trial = list(scaled)
@@ -159,8 +160,10 @@ def calibrate(model: nn.Module, config, selected, calibration_data, tokenizer=No
     if propagate not in PROPAGATE:
         raise ValueError(f"propagate must be one of {PROPAGATE}, got {propagate!r}")
     names = {id(m): n for n, m in selected}
-    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    vocab = getattr(embeddings, "num_embeddings", None)
+    try:  # to catch ids from another tokenizer before they index past the embedding table
+        vocab = model.get_input_embeddings().num_embeddings
+    except (AttributeError, NotImplementedError):
+        vocab = None
     batches = calibration_batches(calibration_data, config.n_samples, config.seq_len, tokenizer, vocab)
     prefix, blocks = find_blocks(model, [m for _, m in selected])
     with torch.no_grad():

@@ -51,6 +51,17 @@ def cast_floats(obj, dtype: torch.dtype):
     return map_tensors(obj, lambda t: t.to(dtype) if t.is_floating_point() else t)
 
 
+CACHE_KWARGS = ("past_key_values", "past_key_value", "layer_past")
+
+
+def without_cache(kwargs: dict) -> dict:
+    """The kwargs with KV caches turned off, so probe forwards leave the user's cache alone."""
+    kwargs = {k: (None if k in CACHE_KWARGS else v) for k, v in kwargs.items()}
+    if "use_cache" in kwargs:
+        kwargs["use_cache"] = False
+    return kwargs
+
+
 def first_tensor(out) -> torch.Tensor:
     """A module's main output: the tensor itself, or the first element of a tuple."""
     while isinstance(out, (tuple, list)):

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .blocks import first_tensor, map_tensors
+from .blocks import first_tensor, map_tensors, without_cache
 
 # How a producer absorbs 1/s. "act_scale": nothing can; the tensor keeps 1/s itself.
 FOLDS = ("linear", "norm", "norm_one_plus", "act_scale")
@@ -142,6 +142,7 @@ def discover(block: nn.Module, args, kwargs, linear_names: list[str]) -> list[Ma
     """The block's mappings, in execution order. ``linear_names`` are the Linears (inside
     the block) to quantize; others may still serve as producers."""
     all_names = [name for name, _ in block.named_modules() if name]
+    kwargs = without_cache(kwargs)
     try:
         probe_args, probe_kwargs = _one_sample(args, kwargs)
         records, order = _trace(block, probe_args, probe_kwargs, all_names)

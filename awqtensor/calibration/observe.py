@@ -25,11 +25,11 @@ import weakref
 import torch
 from torch import nn
 
-from .. import quant
 from ..tensor import Int4AWQTensor
 from .blocks import find_blocks
 from .mappings import Mapping, apply_fold, discover, storage_key
-from .search import clip_weight, group_grams, search_clip, search_scale, weight_profile
+from .search import (clip_weight, group_grams, moment_loss, scaled_grams, search_clip, search_scale,
+                     weight_profile)
 
 NO_CLIP_NAMES = ("q_", "k_", "query", "key", "Wqkv")  # AutoAWQ's: clipping q/k hurts attention
 
@@ -125,26 +125,15 @@ def _group_scale(linears: list[nn.Linear], stats: InputStats, config, where: str
         warnings.warn(f"{where}: NaN/Inf in the observed activations; using scale 1 and no clipping "
                       f"(plain round-to-nearest)", stacklevel=4)
         return torch.ones_like(x_mean), weights
-    gs, k = config.group_size, weights[0].shape[1]
-    size = grams.shape[-1]
-    pad = grams.shape[0] * size - k
-
-    def scaled_grams(s):
-        s_pad = torch.nn.functional.pad(s, (0, pad), value=1.0).reshape(grams.shape[0], -1)
-        return grams / (s_pad.unsqueeze(-1) * s_pad.unsqueeze(-2))
+    gs = config.group_size
 
     def loss(s):
-        g = scaled_grams(s)
-        total = 0.0
-        for w in weights:
-            e = quant._grouped(quant.fake_quantize(w * s, gs, config.zero_point) - w * s, size)
-            total += torch.einsum("ngi,gij,ngj->", e, g, e).item()
-        return total
+        return moment_loss(weights, grams, s, gs, config.zero_point)
 
     s, *_ = search_scale(loss, x_mean, weight_profile(weights, gs), config.n_grid, config.duo_scaling)
     scaled = [w * s for w in weights]
     if config.clip:
-        g = scaled_grams(s)
+        g = scaled_grams(grams, s)
         for i, name in enumerate(names):
             if not any(p in name.rsplit(".", 1)[-1] for p in NO_CLIP_NAMES):
                 lo, hi = search_clip(scaled[i], g, gs, config.zero_point, config.max_shrink, config.n_clip_grid)

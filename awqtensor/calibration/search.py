@@ -5,8 +5,9 @@ Both score candidates by an output error, never by the weight error:
 
 * ``search_scale`` takes a ``loss(scales)`` callable. The one-call path passes the MSE
   of the smallest module that holds the group (attention, MLP, or the lone Linear) run
-  on the captured inputs; the prepare/convert path passes the Linears' own output MSE
-  computed from running second moments (``gram_loss``).
+  on the captured inputs, after screening the grid by ``moment_loss``; the
+  prepare/convert path passes ``moment_loss`` itself: the Linears' own output error from
+  running second moments.
 * ``search_clip`` needs only the second moments of the Linear's input within each
   group, ``X_g^T X_g``: the error of a group's partial output is ``e Σ_g e^T`` exactly.
   That uses every calibration token, where AutoAWQ subsamples 512.
@@ -50,12 +51,18 @@ def scale_candidates(x_mean: torch.Tensor, w_mean: torch.Tensor, n_grid: int, du
             yield f"{family} r={r:.2f}", s
 
 
-def search_scale(loss_fn, x_mean, w_mean, n_grid, duo_scaling):
-    """(best scale, best label, loss of the identity, best loss). Candidates with a
-    non-finite loss are never chosen; if none is finite the identity is returned."""
+def search_scale(loss_fn, x_mean, w_mean, n_grid, duo_scaling, screen_fn=None, finalists: int = 0):
+    """(best scale, best label, loss of the identity, best loss). With ``screen_fn``, every
+    candidate is first scored by it and only the identity and the ``finalists`` best go
+    to ``loss_fn``. Candidates with a non-finite loss are never chosen; if none is
+    finite the identity is returned."""
+    candidates = list(scale_candidates(x_mean, w_mean, n_grid, duo_scaling))
+    if screen_fn is not None and finalists and len(candidates) > finalists + 1:
+        screened = sorted(candidates[1:], key=lambda c: _finite_or_inf(screen_fn(c[1])))
+        candidates = candidates[:1] + screened[:finalists]
     best = (torch.ones_like(x_mean), "identity", math.inf)
     identity_loss = math.inf
-    for label, s in scale_candidates(x_mean, w_mean, n_grid, duo_scaling):
+    for label, s in candidates:
         loss = loss_fn(s)
         if label == "identity":
             identity_loss = loss
@@ -64,14 +71,27 @@ def search_scale(loss_fn, x_mean, w_mean, n_grid, duo_scaling):
     return best[0], best[1], identity_loss, best[2]
 
 
-def gram_loss(weights: list[torch.Tensor], gram: torch.Tensor, s: torch.Tensor, group_size: int, zero_point: bool) -> float:
-    """Σ over the Linears of E[(x (Q(W s)/s - W)^T)^2], from the input second moment
-    ``gram = E[x^T x]`` [K, K]: trace(E Σ E^T) per Linear, no activations needed."""
-    total = 0.0
+def _finite_or_inf(value: float) -> float:
+    return value if math.isfinite(value) else math.inf
+
+
+def scaled_grams(grams: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """Per-group second moments of ``x / s`` from those of ``x`` ([n_groups, gs, gs])."""
+    n_groups, size = grams.shape[0], grams.shape[-1]
+    s_pad = torch.nn.functional.pad(s, (0, n_groups * size - s.numel()), value=1.0).reshape(n_groups, size)
+    return grams / (s_pad.unsqueeze(-1) * s_pad.unsqueeze(-2))
+
+
+def moment_loss(weights: list[torch.Tensor], grams: torch.Tensor, s: torch.Tensor, group_size: int,
+                zero_point: bool) -> float:
+    """Σ over the Linears of their output error with scale ``s``, ``Σ_g e_g Σ_g e_gᵀ`` in
+    the scaled frame, from per-group second moments: every token counts, none is stored.
+    Cross-group terms are left out (independent rounding errors average them away)."""
+    g, size, total = scaled_grams(grams, s), grams.shape[-1], 0.0
     for w in weights:
-        w = w.float()
-        err = quant.fake_quantize(w * s, group_size, zero_point) / s - w
-        total += (err @ gram * err).sum().item()
+        ws = w.float() * s
+        e = quant._grouped(quant.fake_quantize(ws, group_size, zero_point) - ws, size)
+        total += torch.einsum("ngi,gij,ngj->", e, g, e).item()
     return total
 
 
