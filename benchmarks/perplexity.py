@@ -47,9 +47,9 @@ def run_one(args) -> dict:
         propagate = "float" if args.method == "awq-float-propagation" else "quantized"
         if args.method == "awq-two-step":  # prepare, the user's forwards, convert
             quantize_(model, awq_config(group_size=args.group_size, step="prepare"))
-            with torch.no_grad():
-                for batch in calib.split(8):
-                    model(batch, use_cache=False)
+            with torch.no_grad():  # the decoder alone: the observers need no logits
+                for batch in calib.split(4):
+                    model.model(batch, use_cache=False)
             quantize_(model, awq_config(group_size=args.group_size, step="convert"))
         else:
             calibrate(model, config, select_linears(model, config), calib, propagate=propagate)
@@ -97,14 +97,23 @@ def main():
     for r in rows:
         print(f"{r['method']:<24} {r['ppl']:>7.2f} {r['quantize_s']:>11.1f} {r['quantize_peak_rss_mb']:>12.0f} "
               f"{r['eval_s']:>8.1f}")
+    # Rows of methods not run this time are kept, so methods can be (re)measured one by one.
     path = Path(args.csv or f"benchmarks/results/perplexity_g{args.group_size}.csv")
     path.parent.mkdir(parents=True, exist_ok=True)
+    fields = list(rows[0]) + ["windows", "calib_blocks", "seq_len", "device", "torch", "commit"]
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    new = {r["method"]: {**r, "windows": args.windows, "calib_blocks": args.calib_blocks, "seq_len": args.seq_len,
+                         "device": device, "torch": torch.__version__, "commit": commit} for r in rows}
+    old = {}
+    if path.is_file():
+        with open(path, newline="") as f:
+            old = {r["method"]: r for r in csv.DictReader(f) if r["method"] not in new}
     with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]) + ["windows", "calib_blocks", "seq_len", "device", "torch"])
+        writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
         writer.writeheader()
-        for r in rows:
-            writer.writerow({**r, "windows": args.windows, "calib_blocks": args.calib_blocks,
-                             "seq_len": args.seq_len, "device": device, "torch": torch.__version__})
+        for method in METHODS:
+            if method in new or method in old:
+                writer.writerow(new.get(method) or old[method])
 
 
 if __name__ == "__main__":
