@@ -1,6 +1,5 @@
 """AWQ calibration: mapping discovery, folding, search quality, two-step path, robustness."""
 
-import warnings
 
 import pytest
 import torch

@@ -39,7 +39,8 @@ from ..tensor import Int4AWQTensor
 from .blocks import StopForward, cast_floats, find_blocks, first_block_inputs, first_tensor, run_block
 from .data import calibration_batches
 from .mappings import Mapping, apply_fold, discover
-from .search import (clip_weight, group_grams, moment_loss, scaled_grams, search_clip, search_scale,
+from .observe import InputStats
+from .search import (clip_weight, moment_loss, scaled_grams, search_clip, search_scale,
                      weight_profile)
 
 log = logging.getLogger("awqtensor")
@@ -54,13 +55,10 @@ class _Capture:
     def __init__(self, block: nn.Module, mapping: Mapping, inputs, group_size: int, loss_batches: set[int]):
         first = block.get_submodule(mapping.linears[0])
         module = block.get_submodule(mapping.loss_module) if mapping.loss_module else block
-        self.records, self.abs_sum, self.grams, self.tokens = [], 0.0, 0.0, 0
+        self.records, self.stats = [], InputStats(group_size)
 
         def stats(_, args):
-            x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
-            self.abs_sum = self.abs_sum + x.abs().sum(0)
-            self.grams = self.grams + group_grams(x, group_size)
-            self.tokens += x.shape[0]
+            self.stats.update(args[0])
 
         def grab_in(_, args, kwargs):
             if self.batch in loss_batches:
@@ -117,9 +115,10 @@ def _calibrate_mapping(block, mapping: Mapping, inputs, config, where: str):
     gs = config.group_size
     capture = _Capture(block, mapping, inputs, gs, _loss_batches(inputs, config.search_tokens))
     originals = [lin.weight.detach().clone() for lin in linears]
-    x_mean = capture.abs_sum / max(capture.tokens, 1)
+    x_mean = (capture.stats.abs_sum / capture.stats.tokens).float()
+    grams = (capture.stats.grams / capture.stats.tokens).float()
     label = f"{where}{'{' + ','.join(mapping.linears) + '}' if len(linears) > 1 else mapping.linears[0]}"
-    if not (torch.isfinite(x_mean).all() and torch.isfinite(capture.grams).all()):
+    if not (torch.isfinite(x_mean).all() and torch.isfinite(grams).all()):
         warnings.warn(f"{label}: NaN/Inf in the calibration activations; using scale 1 and no clipping "
                       f"here (plain round-to-nearest)", stacklevel=4)
         return None
@@ -130,7 +129,6 @@ def _calibrate_mapping(block, mapping: Mapping, inputs, config, where: str):
         return capture.loss()
 
     w_mean = weight_profile(originals, gs)
-    grams = capture.grams / capture.tokens
     s, choice, before, after = search_scale(
         lambda s: loss_with([w * s for w in originals], s), x_mean, w_mean, config.n_grid, config.duo_scaling,
         screen_fn=lambda s: moment_loss(originals, grams, s, gs, config.zero_point), finalists=config.n_finalists)

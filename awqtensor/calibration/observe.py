@@ -18,7 +18,6 @@ Clipping there follows AutoAWQ's name rule (skip q/k), having no module loss to 
 
 from __future__ import annotations
 
-import math
 import warnings
 import weakref
 
@@ -27,7 +26,7 @@ from torch import nn
 
 from ..tensor import Int4AWQTensor
 from .blocks import find_blocks
-from .mappings import Mapping, apply_fold, discover, storage_key
+from .mappings import apply_fold, discover, storage_key
 from .search import (clip_weight, group_grams, moment_loss, scaled_grams, search_clip, search_scale,
                      weight_profile)
 
