@@ -36,7 +36,8 @@ from tqdm.auto import tqdm
 
 from .. import quant
 from ..tensor import Int4AWQTensor
-from .blocks import StopForward, cast_floats, find_blocks, first_block_inputs, first_tensor, run_block
+from .blocks import (StopForward, cast_floats, find_blocks, first_block_inputs, first_tensor,
+                     release_freed_memory, run_block)
 from .data import calibration_batches
 from .mappings import Mapping, apply_fold, discover
 from .observe import InputStats
@@ -49,16 +50,24 @@ PROPAGATE = ("quantized", "float")
 
 
 class _Capture:
-    """One pass of the block over the calibration inputs, stopped after ``loss_module``:
-    its (args, kwargs, output) per batch, and running statistics of the group's input."""
+    """One pass of the block over the calibration inputs, stopped after ``loss_module``,
+    with running statistics of the group's input. When the loss module is the group's
+    lone Linear its output error is exact from the input's full second moments,
+    ``Σ_n e_n (Σ xᵀx) e_nᵀ``, so nothing is recorded; otherwise the loss module's
+    (args, kwargs, output) are recorded for the ``loss_batches``."""
 
     def __init__(self, block: nn.Module, mapping: Mapping, inputs, group_size: int, loss_batches: set[int]):
         first = block.get_submodule(mapping.linears[0])
         module = block.get_submodule(mapping.loss_module) if mapping.loss_module else block
-        self.records, self.stats = [], InputStats(group_size)
+        self.lone = module is first and isinstance(first, nn.Linear)
+        self.records, self.stats = [], InputStats(group_size, full=self.lone)
+        if self.lone:
+            self.reference = first.weight.detach().clone()
 
         def stats(_, args):
             self.stats.update(args[0])
+            if self.lone:
+                raise StopForward
 
         def grab_in(_, args, kwargs):
             if self.batch in loss_batches:
@@ -69,9 +78,10 @@ class _Capture:
                 self.records[-1][2] = first_tensor(out).detach()
             raise StopForward
 
-        handles = [first.register_forward_pre_hook(stats),
-                   module.register_forward_pre_hook(grab_in, with_kwargs=True),
-                   module.register_forward_hook(grab_out, with_kwargs=True)]
+        handles = [first.register_forward_pre_hook(stats)]
+        if not self.lone:
+            handles += [module.register_forward_pre_hook(grab_in, with_kwargs=True),
+                        module.register_forward_hook(grab_out, with_kwargs=True)]
         try:
             with torch.no_grad():
                 for self.batch, (args, kwargs) in enumerate(inputs):
@@ -85,9 +95,13 @@ class _Capture:
         self.module = module
 
     def loss(self) -> float:
-        """Mean squared error of the loss module's output against the recorded one."""
-        total, count = 0.0, 0
+        """Mean squared error of the loss module's output against the float one."""
         with torch.no_grad():
+            if self.lone:
+                k = self.reference.shape[1]
+                e = (self.module.weight.detach() - self.reference).double()
+                return ((e @ self.stats.gram[:k, :k]) * e).sum().item() / (self.stats.tokens * e.shape[0])
+            total, count = 0.0, 0
             for args, kwargs, target in self.records:
                 out = first_tensor(self.module(*args, **kwargs))
                 total += (out.float() - target.float()).pow(2).sum().item()
@@ -184,6 +198,7 @@ def calibrate(model: nn.Module, config, selected, calibration_data, tokenizer=No
             act_scales = {}
             for mapping in discovered[key]:
                 s = _calibrate_mapping(block, mapping, inputs, config, where)
+                release_freed_memory()
                 for n in mapping.linears:
                     act_scales[n] = s
             block.to(dtype)
@@ -200,6 +215,7 @@ def calibrate(model: nn.Module, config, selected, calibration_data, tokenizer=No
         if not last:
             inputs = float_outputs if float_outputs is not None else run_block(block, inputs, dtype)
             inputs = cast_floats(inputs, torch.float32)
+            release_freed_memory()
     rest = [(n, m) for n, m in selected if id(m) not in done]
     if rest:
         warnings.warn(f"{len(rest)} Linears lie outside the calibrated blocks ({rest[0][0]}, ...); they are "

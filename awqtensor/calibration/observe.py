@@ -24,6 +24,7 @@ import weakref
 import torch
 from torch import nn
 
+from .. import quant
 from ..tensor import Int4AWQTensor
 from .blocks import find_blocks
 from .mappings import apply_fold, discover, storage_key
@@ -37,21 +38,47 @@ _paused = [False]  # discovery's own probe forwards must not count
 
 
 class InputStats:
-    """Running statistics of one input tensor shared by ``members``."""
+    """Running statistics of one input tensor shared by ``members``. With ``full``, the
+    whole second-moment matrix ``Σ xᵀx`` (K x K, zero-padded to whole groups) is kept
+    instead of its diagonal group blocks: a lone Linear's output error is then exact
+    from it, with no activations stored."""
 
-    def __init__(self, group_size: int):
-        self.group_size = group_size
+    def __init__(self, group_size: int, full: bool = False):
+        self.group_size, self.full = group_size, full
         self.members: list[nn.Linear] = []
         self.tokens = 0
         self.abs_sum = None
-        self.grams = None
+        self._moments = None  # [Kp, Kp] if full, else [n_groups, gs, gs]; fp64
 
     def update(self, x: torch.Tensor) -> None:
         x = x.detach().reshape(-1, x.shape[-1]).float()
-        abs_sum, grams = x.abs().sum(0).double(), group_grams(x, self.group_size).double()
+        abs_sum = x.abs().sum(0).double()
+        if self.full:
+            gs = x.shape[1] if self.group_size == -1 else self.group_size
+            xp = torch.nn.functional.pad(x, (0, quant.n_groups(x.shape[1], gs) * gs - x.shape[1]))
+            moments = (xp.T @ xp).double()
+        else:
+            moments = group_grams(x, self.group_size).double()
         self.abs_sum = abs_sum if self.abs_sum is None else self.abs_sum + abs_sum
-        self.grams = grams if self.grams is None else self.grams + grams
+        self._moments = moments if self._moments is None else self._moments + moments
         self.tokens += x.shape[0]
+
+    @property
+    def grams(self) -> torch.Tensor | None:
+        """Σ_g x_gᵀ x_g per group, [n_groups, gs, gs]."""
+        if not self.full or self._moments is None:
+            return self._moments
+        kp = self._moments.shape[0]
+        gs = kp if self.group_size == -1 else self.group_size
+        blocks = self._moments.reshape(kp // gs, gs, kp // gs, gs).diagonal(dim1=0, dim2=2)
+        return blocks.permute(2, 0, 1)
+
+    @property
+    def gram(self) -> torch.Tensor:
+        """Σ xᵀx, [Kp, Kp] (``full`` only)."""
+        if not self.full:
+            raise RuntimeError("InputStats(full=False) keeps only the per-group blocks")
+        return self._moments
 
 
 def _observe(linear: nn.Linear, args) -> None:
