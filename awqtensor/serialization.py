@@ -9,11 +9,12 @@ checks every described tensor's presence, shape and dtype and names the one at f
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import safetensors.torch
 import torch
 
-from . import packing
+from . import checkpoint, packing
 from .tensor import Int4AWQTensor
 
 FORMAT_VERSION = 1
@@ -87,3 +88,45 @@ def load_file(path, device: str = "cpu") -> dict:
     except safetensors.SafetensorError as err:
         raise ValueError(f"{path} is not a readable safetensors file ({err}); it may be truncated") from err
     return unflatten_state_dict(tensors, metadata)
+
+
+def save_quantized(model, path, shard_size="5GB") -> Path:
+    """Write a quantized transformers model to directory ``path``: config.json whose
+    quantization_config describes every Int4AWQTensor (the manifest), safetensors weights
+    (sharded past ``shard_size``) and the tokenizer files. ``load_quantized`` reads it."""
+    path = Path(path)
+    state = checkpoint.drop_tied(model, dict(model.state_dict()))
+    if not any(isinstance(v, Int4AWQTensor) for v in state.values()):
+        raise ValueError("the model has no Int4AWQTensor weights; quantize it with awqtensor.quantize_ first")
+    tensors, metadata = flatten_state_dict(state)
+    config = model.config.to_dict()
+    linears = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    config["quantization_config"] = {
+        "quant_method": "awqtensor", "format_version": FORMAT_VERSION, "weights": json.loads(metadata["awqtensor"]),
+        "modules_not_converted": [n for n in linears if f"{n}.weight" not in state
+                                  or not isinstance(state[f"{n}.weight"], Int4AWQTensor)]}
+    checkpoint.write_tensors(tensors, path, shard_size, metadata=metadata, desc="saving")
+    checkpoint.write_config(config, path)
+    checkpoint.copy_side_files(model, path)
+    return path
+
+
+def load_quantized(path, dtype: torch.dtype | None = None, device="cpu"):
+    """The transformers model ``save_quantized`` wrote, Int4AWQTensor weights repacked once
+    for ``device`` and ``dtype`` (default: the config's)."""
+    path = Path(path)
+    config = checkpoint.read_config(path)
+    qc = config.get("quantization_config") or {}
+    if qc.get("quant_method") != "awqtensor":
+        method = qc.get("quant_method")
+        hint = "; it is AutoAWQ's: use awqtensor.load_autoawq" if method == "awq" else ""
+        raise ValueError(f"{path}: config.json's quantization_config is not awqtensor's "
+                         f"(quant_method {method!r}){hint}")
+    dtype = dtype or checkpoint.config_dtype(config, torch.float32)
+    tensors, _ = checkpoint.read_tensors(path)
+    metadata = {"format": "awqtensor", "version": str(qc.get("format_version", -1)),
+                "awqtensor": json.dumps(qc.get("weights", {}))}
+    state = {name: (v.to(dtype) if v.is_floating_point() else v)
+             for name, v in unflatten_state_dict(tensors, metadata).items()}
+    model = checkpoint.build_model(config, dtype, state, desc=str(path))
+    return model.to(device) if torch.device(device).type != "cpu" else model
