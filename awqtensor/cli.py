@@ -1,0 +1,206 @@
+"""The ``awqtensor`` command (also ``python -m awqtensor``).
+
+    awqtensor quantize MODEL_DIR --out DIR [--method awq|rtn] [--calib FILE] [--format awqtensor|autoawq]
+    awqtensor eval MODEL_DIR --text FILE [--windows 40] [--seq-len 512]
+    awqtensor info PATH
+    awqtensor demo [...]
+
+MODEL_DIR is a Hugging Face model directory (float, awqtensor or AutoAWQ), or the word
+``smollm2`` for the bundled SmolLM2-135M-Instruct. Bad input ends in one line on stderr
+and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+FORMATS = ("awqtensor", "autoawq")
+
+
+class CLIError(Exception):
+    """Bad input: reported in one line, exit status 2."""
+
+
+def resolve_model_dir(name: str) -> Path:
+    if name == "smollm2":
+        from . import smollm2
+
+        return smollm2.model_dir()
+    path = Path(name)
+    if not path.exists():
+        raise CLIError(f"{path} does not exist (a model directory, or 'smollm2' for the bundled model)")
+    if not (path / "config.json").is_file():
+        raise CLIError(f"{path} has no config.json; expected a Hugging Face model directory")
+    return path
+
+
+def checkpoint_format(path: Path) -> str:
+    """"float", "awqtensor" or "autoawq", from config.json's quantization_config."""
+    from .checkpoint import read_config
+
+    method = (read_config(path).get("quantization_config") or {}).get("quant_method")
+    if method is None:
+        return "float"
+    if method in ("awqtensor", "awq"):
+        return "awqtensor" if method == "awqtensor" else "autoawq"
+    raise CLIError(f"{path}: quantization_config quant_method {method!r} is neither awqtensor's nor AutoAWQ's")
+
+
+def load_any(path: Path, dtype: torch.dtype):
+    """(model, tokenizer, format) for a float, awqtensor or AutoAWQ directory."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from . import load_autoawq, load_quantized
+
+    fmt = checkpoint_format(path)
+    if fmt == "float":
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
+    else:
+        model = (load_quantized if fmt == "awqtensor" else load_autoawq)(path, dtype=dtype)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as err:
+        raise CLIError(f"{path} has no usable tokenizer ({str(err).splitlines()[0]})") from err
+    return model, tokenizer, fmt
+
+
+def cmd_quantize(args) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from . import awq_config, quantize_, rtn_config, save_autoawq, save_quantized
+    from .demo import linear_weight_bytes
+
+    source = resolve_model_dir(args.model_dir)
+    if checkpoint_format(source) != "float":
+        raise CLIError(f"{source} is already quantized; quantize a float model")
+    if args.method == "awq" and args.calib is None:
+        raise CLIError("--method awq needs --calib FILE: a text unlike the one you will evaluate on")
+    if args.calib is not None and not Path(args.calib).is_file():
+        raise CLIError(f"--calib {args.calib} is not a file")
+    if args.method == "awq":  # configs first: a bad option fails before the model loads
+        config = awq_config(group_size=args.group_size, n_samples=args.calib_samples, seq_len=args.seq_len)
+    else:
+        config = rtn_config(group_size=args.group_size)
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=DTYPES[args.dtype]).eval()
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    before = linear_weight_bytes(model)
+    start = time.perf_counter()
+    if args.method == "awq":
+        quantize_(model, config, calibration_data=Path(args.calib), tokenizer=tokenizer)
+    else:
+        quantize_(model, config)
+    seconds = time.perf_counter() - start
+    save = save_autoawq if args.format == "autoawq" else save_quantized
+    save(model, args.out)
+    tokenizer.save_pretrained(args.out)
+    after = linear_weight_bytes(model)
+    print(f"{args.method} g{args.group_size}: quantized in {seconds:.1f} s; decoder Linear weights "
+          f"{before / 2**20:.1f} MB -> {after / 2**20:.1f} MB ({before / after:.1f}x smaller); "
+          f"wrote {args.format} checkpoint to {args.out}")
+
+
+def cmd_eval(args) -> None:
+    from . import evaluation
+
+    path = resolve_model_dir(args.model_dir)
+    if not Path(args.text).is_file():
+        raise CLIError(f"--text {args.text} is not a file")
+    model, tokenizer, fmt = load_any(path, DTYPES[args.dtype])
+    blocks = evaluation.token_blocks(tokenizer, args.text, args.seq_len, args.windows)
+    start = time.perf_counter()
+    ppl = evaluation.perplexity(model, blocks, desc="eval")
+    print(f"{path} ({fmt}, {args.dtype}): perplexity {ppl:.2f} on {blocks.shape[0]} x {args.seq_len} tokens "
+          f"of {args.text} ({time.perf_counter() - start:.1f} s)")
+
+
+def cmd_info(args) -> None:
+    from .checkpoint import read_config, weight_files
+
+    path = Path(args.path)
+    if not path.exists():
+        raise CLIError(f"{path} does not exist")
+    config = read_config(path)
+    fmt = checkpoint_format(path)
+    qc = config.get("quantization_config") or {}
+    names = weight_files(path)
+    files = sorted(set(names.values()))
+    size = sum(f.stat().st_size for f in files)
+    if fmt == "autoawq":
+        quantized = sorted(n[: -len(".qweight")] for n in names if n.endswith(".qweight"))
+        bits, group, skipped = qc.get("bits"), qc.get("group_size"), qc.get("modules_to_not_convert") or []
+    elif fmt == "awqtensor":
+        weights = qc.get("weights", {})
+        quantized = sorted(n[: -len(".weight")] for n in weights)
+        bits, group = 4, sorted({w["group_size"] for w in weights.values()})
+        skipped = qc.get("modules_not_converted", [])
+    else:
+        quantized, bits, group, skipped = [], None, None, []
+    info = {"path": str(path), "format": fmt, "model_type": config.get("model_type"),
+            "dtype": config.get("dtype") or config.get("torch_dtype"), "bits": bits, "group_size": group,
+            "quantized_linears": len(quantized), "linears_left_float": skipped,
+            "files": [f.name for f in files], "bytes": size}
+    if args.json:
+        print(json.dumps({**info, "quantized": quantized}, indent=2))
+        return
+    for key, value in info.items():
+        print(f"{key:<28} {value}")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="awqtensor", description="Activation-aware int4 weight quantization.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    q = sub.add_parser("quantize", help="quantize a float model directory and save it")
+    q.add_argument("model_dir", help="Hugging Face model directory, or 'smollm2' for the bundled model")
+    q.add_argument("--out", required=True, help="output directory")
+    q.add_argument("--method", choices=("awq", "rtn"), default="awq")
+    q.add_argument("--group-size", type=int, default=128)
+    q.add_argument("--calib", help="calibration text file (needed by --method awq)")
+    q.add_argument("--calib-samples", type=int, default=128, help="calibration sequences (AutoAWQ's default)")
+    q.add_argument("--seq-len", type=int, default=512)
+    q.add_argument("--format", choices=FORMATS, default="awqtensor")
+    q.add_argument("--dtype", choices=tuple(DTYPES), default="float32")
+    q.set_defaults(run=cmd_quantize)
+
+    e = sub.add_parser("eval", help="perplexity of a float, awqtensor or AutoAWQ model on a text file")
+    e.add_argument("model_dir")
+    e.add_argument("--text", required=True)
+    e.add_argument("--windows", type=int, default=40)
+    e.add_argument("--seq-len", type=int, default=512)
+    e.add_argument("--dtype", choices=tuple(DTYPES), default="float32")
+    e.set_defaults(run=cmd_eval)
+
+    i = sub.add_parser("info", help="what a checkpoint directory holds")
+    i.add_argument("path")
+    i.add_argument("--json", action="store_true", help="machine-readable, with every quantized module")
+    i.set_defaults(run=cmd_info)
+
+    d = sub.add_parser("demo", help="float vs RTN vs AWQ on the bundled SmolLM2 (python -m awqtensor.demo)",
+                       add_help=False)
+    d.set_defaults(run=None)
+
+    args, rest = parser.parse_known_args(argv)
+    if args.command == "demo":
+        from . import demo
+
+        demo.main(rest)
+        return 0
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    try:
+        args.run(args)
+    except (CLIError, FileNotFoundError, ValueError, TypeError) as err:
+        print(f"awqtensor {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

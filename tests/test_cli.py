@@ -1,0 +1,94 @@
+"""The awqtensor command on a tiny Llama directory with a byte-level tokenizer built here
+(nothing is downloaded)."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from awqtensor.cli import main
+from conftest import tiny_llama
+
+TEXT = ("The quick brown fox jumps over the lazy dog while the calibration text rambles on "
+        "about weights, activations and scales. ") * 40
+OTHER = ("Perplexity is measured on a different text: rivers, mountains and the history of "
+         "a small town by the sea, told slowly. ") * 40
+
+
+def _byte_tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok)
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    model = tiny_llama(5, max_position_embeddings=256)
+    model.save_pretrained(root / "float")
+    _byte_tokenizer().save_pretrained(root / "float")
+    (root / "calib.txt").write_text(TEXT)
+    (root / "eval.txt").write_text(OTHER)
+    return root
+
+
+def run(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_quantize_info_eval_in_both_formats(workdir, capsys):
+    code, out, _ = run(capsys, "quantize", workdir / "float", "--out", workdir / "native", "--method", "awq",
+                       "--calib", workdir / "calib.txt", "--calib-samples", "4", "--seq-len", "64",
+                       "--group-size", "32")
+    assert code == 0 and "smaller" in out
+    code, out, _ = run(capsys, "quantize", workdir / "float", "--out", workdir / "awq", "--method", "rtn",
+                       "--group-size", "32", "--format", "autoawq")
+    assert code == 0
+
+    code, out, _ = run(capsys, "info", workdir / "native", "--json")
+    info = json.loads(out)
+    assert info["format"] == "awqtensor" and info["quantized_linears"] == 14 and info["group_size"] == [32]
+    assert info["linears_left_float"] == ["lm_head"]
+    code, out, _ = run(capsys, "info", workdir / "awq", "--json")
+    info = json.loads(out)
+    assert info["format"] == "autoawq" and info["bits"] == 4 and info["group_size"] == 32
+    assert len(info["quantized"]) == 14 and info["linears_left_float"] == ["lm_head"]
+
+    ppl = {}
+    for name in ("float", "native", "awq"):
+        code, out, _ = run(capsys, "eval", workdir / name, "--text", workdir / "eval.txt", "--windows", "4",
+                           "--seq-len", "64")
+        assert code == 0, out
+        ppl[name] = float(out.split("perplexity ")[1].split()[0])
+    assert all(p > 1 for p in ppl.values())
+    assert ppl["native"] != ppl["float"]  # the quantized weights are what was evaluated
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["quantize", "no/such/dir", "--out", "x", "--method", "rtn"], "does not exist"),
+    (["quantize", "{float}", "--out", "x"], "--method awq needs --calib"),
+    (["eval", "{float}", "--text", "no-such.txt"], "is not a file"),
+    (["info", "no/such/dir"], "does not exist"),
+    (["quantize", "{float}", "--out", "x", "--method", "rtn", "--group-size", "48"], "group_size"),
+])
+def test_bad_input_is_one_line_and_exit_2(workdir, capsys, argv, match):
+    argv = [a.format(float=workdir / "float") for a in argv]
+    code, out, err = run(capsys, *argv)
+    assert code == 2
+    assert len(err.strip().splitlines()) == 1 and match in err, err
+
+
+def test_module_entry_point(workdir):
+    result = subprocess.run([sys.executable, "-m", "awqtensor", "info", str(workdir / "float")],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "float" in result.stdout and "llama" in result.stdout
