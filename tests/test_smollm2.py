@@ -70,3 +70,30 @@ def test_compile_fullgraph_smollm2():
             eager = model(inputs, use_cache=False).logits
             assert max_rel_err(compiled(inputs, use_cache=False).logits, eager) < 1e-5
     assert any("awqtensor.int4_linear" in g.code for g in backend.fw_graphs)
+
+
+def test_checkpoints_round_trip_on_the_real_model(tmp_path):
+    """SmolLM2 through both formats: g64 via AutoAWQ's (K=576 divides), g128 (padded K) via
+    ours, which AutoAWQ's format refuses with a message naming the fix."""
+    from awqtensor import load_autoawq, load_quantized, save_autoawq, save_quantized
+
+    ids = torch.randint(0, 49152, (1, 24), generator=torch.Generator().manual_seed(0))
+    for group_size in (64, 128):
+        model, _ = smollm2.load()
+        quantize_(model, rtn_config(group_size=group_size))
+        with torch.no_grad():
+            expected = model(ids).logits
+        save_quantized(model, tmp_path / f"native{group_size}")
+        assert (tmp_path / f"native{group_size}" / "tokenizer.json").is_file()  # side files copied
+        native = load_quantized(tmp_path / f"native{group_size}")
+        with torch.no_grad():
+            assert torch.equal(native(ids).logits, expected)
+        if group_size == 128:
+            with pytest.raises(ValueError, match="not a multiple of its group size 128"):
+                save_autoawq(model, tmp_path / "autoawq128")
+            continue
+        save_autoawq(model, tmp_path / "autoawq64", dtype=torch.float32)
+        loaded = load_autoawq(tmp_path / "autoawq64")
+        assert loaded.lm_head.weight is loaded.model.embed_tokens.weight  # re-tied
+        with torch.no_grad():
+            assert max_rel_err(loaded(ids).logits, expected) < 1e-3  # scales rounded to fp16
