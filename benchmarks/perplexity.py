@@ -4,6 +4,9 @@ runs in its own process so its peak RSS is its own. Prints a table, writes CSV.
 
     python benchmarks/perplexity.py --group-size 64 --methods float rtn awq
 
+``--methods autoawq --autoawq-dir DIR`` loads AutoAWQ's own checkpoint with
+``awqtensor.load_autoawq`` and evaluates it the same way; ``benchmarks/autoawq_reference.py``
+(its own environment) makes DIR.
 Calibration (AWQ): the first 32 blocks of 512 tokens of --calib-text; evaluation: the
 first --windows blocks of --eval-text. Never the same text.
 """
@@ -22,11 +25,11 @@ from pathlib import Path
 
 import torch
 
-from awqtensor import awq_config, evaluation, quantize_, rtn_config, smollm2
+from awqtensor import awq_config, evaluation, load_autoawq, quantize_, rtn_config, smollm2
 from awqtensor.calibration import calibrate
 from awqtensor.api import select_linears
 
-METHODS = ("float", "rtn", "awq", "awq-two-step", "awq-float-propagation", "awq-noclip")
+METHODS = ("float", "rtn", "awq", "autoawq", "awq-two-step", "awq-float-propagation", "awq-noclip")
 
 
 def peak_rss_mb() -> float:
@@ -38,7 +41,13 @@ def run_one(args) -> dict:
     torch.set_num_threads(args.threads)
     model, tokenizer = smollm2.load(torch.float32)
     t = time.perf_counter()
-    if args.method == "rtn":
+    if args.method == "autoawq":  # AutoAWQ's own checkpoint (benchmarks/autoawq_reference.py), its time and RSS
+        if not args.autoawq_dir:
+            raise SystemExit("--methods autoawq needs --autoawq-dir (see benchmarks/autoawq_reference.py)")
+        model = load_autoawq(args.autoawq_dir, dtype=torch.float32)
+        made = json.loads((Path(args.autoawq_dir) / "benchmark.json").read_text())
+        quantize_s, quantize_rss = made["quantize_s"], made["quantize_peak_rss_mb"]
+    elif args.method == "rtn":
         quantize_(model, rtn_config(group_size=args.group_size))
     elif args.method.startswith("awq"):
         calib = evaluation.token_blocks(tokenizer, args.calib_text, args.seq_len, args.calib_blocks)
@@ -53,8 +62,9 @@ def run_one(args) -> dict:
             quantize_(model, awq_config(group_size=args.group_size, step="convert"))
         else:
             calibrate(model, config, select_linears(model, config), calib, propagate=propagate)
-    quantize_s = time.perf_counter() - t
-    quantize_rss = peak_rss_mb()  # before the evaluation text is tokenized (a ~400 MB transient)
+    if args.method != "autoawq":
+        quantize_s = time.perf_counter() - t
+        quantize_rss = peak_rss_mb()  # before the evaluation text is tokenized (a ~400 MB transient)
     blocks = evaluation.token_blocks(tokenizer, args.eval_text, args.seq_len, args.windows)
     t = time.perf_counter()
     ppl = evaluation.perplexity(model, blocks, args.method)
@@ -72,6 +82,7 @@ def main():
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=["float", "rtn", "awq"])
+    parser.add_argument("--autoawq-dir", help="for --methods autoawq: benchmarks/autoawq_reference.py's --out")
     parser.add_argument("--method", help=argparse.SUPPRESS)  # child process: run one method, print JSON
     parser.add_argument("--csv", default=None, help="default: benchmarks/results/perplexity_g{group_size}.csv")
     args = parser.parse_args()

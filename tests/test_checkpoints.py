@@ -182,14 +182,16 @@ def test_save_autoawq_refuses_what_the_format_cannot_hold(tmp_path):
         save_autoawq(model, tmp_path)
 
 
-def _corrupt(path, how):
+def _corrupt(path, how, missing="qzeros"):
+    """Truncate model.safetensors, drop the first tensor whose name ends with ``missing``,
+    or cut a scales tensor short."""
     file = path / "model.safetensors"
     if how == "truncated":
         data = file.read_bytes()
         file.write_bytes(data[: len(data) // 2])
     elif how == "missing":
         tensors = safetensors.torch.load_file(file)
-        del tensors[next(n for n in tensors if n.endswith("qzeros"))]
+        del tensors[next(n for n in tensors if n.endswith(missing))]
         safetensors.torch.save_file(tensors, str(file))
     elif how == "shape":
         tensors = safetensors.torch.load_file(file)
@@ -244,14 +246,8 @@ def test_native_round_trip_is_identical_sharded_and_never_unpickles(tmp_path, mo
                                        ("config", r"shape .* config implies|has shape")])
 def test_load_quantized_names_what_is_wrong(tmp_path, how, match):
     save_quantized(_quantized_llama(), tmp_path)
-    file = tmp_path / "model.safetensors"
-    if how == "truncated":
-        data = file.read_bytes()
-        file.write_bytes(data[: len(data) // 2])
-    elif how == "missing":
-        tensors = safetensors.torch.load_file(file)
-        del tensors["model.layers.1.mlp.up_proj.weight.scales"]
-        safetensors.torch.save_file(tensors, str(file))
+    if how != "config":
+        _corrupt(tmp_path, how, missing="up_proj.weight.scales")
     else:  # a config that does not match the weights
         config = json.loads((tmp_path / "config.json").read_text())
         config["intermediate_size"] = 192
