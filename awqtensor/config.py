@@ -69,7 +69,9 @@ class AWQConfig(_Int4WeightConfig):
     Linear-output error (from second moments, over all tokens, nearly free), then runs
     the containing module on the calibration data for the identity and these best few.
     search_tokens: cap on the tokens those module runs use (whole batches, evenly
-    spaced; None = all). Statistics and clipping always use all tokens.
+    spaced; None = all). Statistics and clipping always use all tokens, and so does the
+    loss of a lone Linear (o_proj, down_proj), which is exact from its input's second
+    moments without running anything.
     duo_scaling: True (AutoAWQ), False (x-only), or "both" (search both families).
     step: None runs calibration and conversion in one call; "prepare" and "convert"
     split them for users running their own forward passes in between.
