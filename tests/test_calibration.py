@@ -338,7 +338,8 @@ def test_clipping_lowers_the_output_error(zero_point):
 
 @pytest.mark.parametrize("group_size,k", [(32, 96), (64, 80)])
 def test_lone_linear_loss_from_second_moments_equals_recorded_output_mse(group_size, k):
-    """A lone Linear's loss comes from Σ xᵀx with nothing recorded; it must equal the MSE
+    """A lone Linear's loss comes from Σ xᵀx with nothing recorded (when that matrix is the
+    smaller); it must equal the MSE
     that recording its outputs gives (the same Linear wrapped so the wrapper is the loss module)."""
     from awqtensor import quant
     from awqtensor.calibration.awq import _Capture
@@ -347,10 +348,13 @@ def test_lone_linear_loss_from_second_moments_equals_recorded_output_mse(group_s
 
     torch.manual_seed(k)
     block = nn.Sequential(nn.Sequential(nn.Linear(k, 24)))
-    inputs = [((torch.randn(3, 17, k) * torch.rand(k) * 4,), {}) for _ in range(3)]
+    inputs = [((torch.randn(4, 40, k) * torch.rand(k) * 4,), {}) for _ in range(3)]
     lone = _Capture(block, Mapping(("0.0",), None, "act_scale", "0.0"), inputs, group_size, {0, 1, 2})
     recorded = _Capture(block, Mapping(("0.0",), None, "act_scale", "0"), inputs, group_size, {0, 1, 2})
     assert lone.lone and not lone.records and not recorded.lone and len(recorded.records) == 3
+    # With few tokens the K x K moments would outweigh the records: it records instead.
+    few = [((inputs[0][0][0][:1, :10],), {})]
+    assert not _Capture(block, Mapping(("0.0",), None, "act_scale", "0.0"), few, group_size, {0}).lone
     x = torch.cat([a[0].reshape(-1, k) for a, _ in inputs])
     expected = group_grams(x, group_size).double()
     atol = 1e-5 * expected.abs().max().item()  # fp32 products: compare at the scale of the largest moment

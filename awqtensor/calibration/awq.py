@@ -53,13 +53,15 @@ class _Capture:
     """One pass of the block over the calibration inputs, stopped after ``loss_module``,
     with running statistics of the group's input. When the loss module is the group's
     lone Linear its output error is exact from the input's full second moments,
-    ``Σ_n e_n (Σ xᵀx) e_nᵀ``, so nothing is recorded; otherwise the loss module's
-    (args, kwargs, output) are recorded for the ``loss_batches``."""
+    ``Σ_n e_n (Σ xᵀx) e_nᵀ``, so nothing is recorded, as long as that K x K matrix is
+    smaller than the records would be; otherwise the loss module's (args, kwargs,
+    output) are recorded for the ``loss_batches``."""
 
     def __init__(self, block: nn.Module, mapping: Mapping, inputs, group_size: int, loss_batches: set[int]):
         first = block.get_submodule(mapping.linears[0])
         module = block.get_submodule(mapping.loss_module) if mapping.loss_module else block
-        self.lone = module is first and isinstance(first, nn.Linear)
+        self.lone = module is first and isinstance(first, nn.Linear) and _gram_is_smaller(
+            first, group_size, sum(_tokens(*inputs[i]) for i in loss_batches))
         self.records, self.stats = [], InputStats(group_size, full=self.lone)
         if self.lone:
             self.reference = first.weight.detach().clone()
@@ -109,15 +111,24 @@ class _Capture:
         return total / count
 
 
+def _tokens(args, kwargs) -> int:
+    hidden = next((t for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor)), None)
+    return 1 if hidden is None else hidden.shape[:-1].numel()
+
+
+def _gram_is_smaller(linear: nn.Linear, group_size: int, tokens: int) -> bool:
+    """Whether the fp64 [K_padded, K_padded] second moments take fewer bytes than
+    recording ``tokens`` fp32 inputs and outputs of ``linear``."""
+    k, n = linear.in_features, linear.out_features
+    kp = quant.n_groups(k, k if group_size == -1 else group_size) * (k if group_size == -1 else group_size)
+    return kp * kp * 8 <= tokens * (k + n) * 4
+
+
 def _loss_batches(inputs, search_tokens: int | None) -> set[int]:
     """Evenly spaced batch indices holding about ``search_tokens`` tokens (None: all)."""
     if search_tokens is None:
         return set(range(len(inputs)))
-    def tokens(args, kwargs):
-        hidden = next((t for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor)), None)
-        return 1 if hidden is None else hidden.shape[:-1].numel()
-
-    per_batch = max(tokens(*batch) for batch in inputs)
+    per_batch = max(_tokens(*batch) for batch in inputs)
     n = min(len(inputs), max(1, math.ceil(search_tokens / per_batch)))
     return {int(i * len(inputs) / n) for i in range(n)}
 
