@@ -46,10 +46,9 @@ def checkpoint_format(path: Path) -> str:
     from .checkpoint import read_config
 
     method = (read_config(path).get("quantization_config") or {}).get("quant_method")
-    if method is None:
-        return "float"
-    if method in ("awqtensor", "awq"):
-        return "awqtensor" if method == "awqtensor" else "autoawq"
+    formats = {None: "float", "awqtensor": "awqtensor", "awq": "autoawq"}
+    if method in formats:
+        return formats[method]
     raise CLIError(f"{path}: quantization_config quant_method {method!r} is neither awqtensor's nor AutoAWQ's")
 
 
