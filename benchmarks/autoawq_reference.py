@@ -13,6 +13,14 @@ checkpoint with ``save_quantized``, plus ``benchmark.json`` (time and peak RSS o
 quantization). ``benchmarks/perplexity.py --methods autoawq --autoawq-dir OUT`` then
 loads that checkpoint with ``awqtensor.load_autoawq`` and evaluates it with the same
 code as every other row: a real AutoAWQ checkpoint read by our loader.
+
+One fix is applied to AutoAWQ, because without it AutoAWQ cannot quantize on a CPU at all:
+its scale search saves the weights with ``{k: v.cpu() for k, v in state_dict().items()}``
+and restores them after every grid point. On a GPU ``.cpu()`` copies; on a CPU it returns
+the same tensor, so the first grid point's in-place ``weight.mul_(scales)`` overwrites the
+"saved" weights, every later grid point is scored on doubly scaled weights, and the block
+keeps weights scaled by a factor nothing undoes (perplexity in the hundreds of thousands).
+``copy_saved_weights`` makes the saved state a copy, as it is on the GPU AutoAWQ targets.
 """
 
 from __future__ import annotations
@@ -47,6 +55,26 @@ def legacy_model_dir(path: Path) -> Path:
     return legacy
 
 
+def copy_saved_weights():
+    """Make AutoAWQ's scale search save a copy of the weights on a CPU (see the module
+    docstring). Only ``state_dict`` of the module being inspected is wrapped, and only for
+    the duration of one search."""
+    from awq.quantize.quantizer import AwqQuantizer
+
+    search = AwqQuantizer._search_best_scale
+
+    def search_on_copies(self, module, prev_op, layers, inp, module2inspect=None, kwargs={}):
+        target = layers[0] if module2inspect is None else module2inspect
+        state_dict = target.state_dict
+        target.state_dict = lambda *a, **k: {n: t.clone() for n, t in state_dict(*a, **k).items()}
+        try:
+            return search(self, module, prev_op, layers, inp, module2inspect, kwargs)
+        finally:
+            del target.state_dict
+
+    AwqQuantizer._search_best_scale = search_on_copies
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model-dir", default=str(Path.home() / ".cache/awqtensor/SmolLM2-135M-Instruct"),
@@ -72,6 +100,7 @@ def main():
     if len(blocks[-1]) != n:
         raise SystemExit(f"{args.calib_text} holds fewer than {args.calib_blocks} blocks of {n} tokens")
 
+    copy_saved_weights()
     model = AutoAWQForCausalLM.from_pretrained(str(model_dir), torch_dtype=torch.float32)
     t = time.perf_counter()
     model.quantize(tokenizer, quant_config={"zero_point": True, "q_group_size": args.group_size, "w_bit": 4,
