@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 from . import calibration
 from .calibration import observe
 from .config import AWQConfig, RTNConfig, _Int4WeightConfig
+from .memory import file_backed, release_file_pages
 from .tensor import Int4AWQTensor, validate_weight
 
 FilterFn = Callable[[nn.Module, str], bool]
@@ -103,8 +104,10 @@ def quantize_(
 
 
 def _swap_weight(module: nn.Linear, config: _Int4WeightConfig, act_scale: torch.Tensor | None = None) -> nn.Linear:
+    mapped = file_backed([module.weight])
     weight = Int4AWQTensor.from_float(module.weight.detach(), config.group_size, config.zero_point, act_scale)
     module.weight = nn.Parameter(weight, requires_grad=False)
+    release_file_pages(mapped)  # the float weight's mmapped pages, once it is replaced
     return module
 
 

@@ -36,8 +36,8 @@ from tqdm.auto import tqdm
 
 from .. import quant
 from ..tensor import Int4AWQTensor
-from .blocks import (StopForward, cast_floats, find_blocks, first_block_inputs, first_tensor,
-                     release_freed_memory, run_block)
+from ..memory import file_backed, release_file_pages, release_freed_memory
+from .blocks import StopForward, cast_floats, find_blocks, first_block_inputs, first_tensor, run_block
 from .data import calibration_batches
 from .mappings import Mapping, apply_fold, discover
 from .observe import InputStats
@@ -197,8 +197,9 @@ def calibrate(model: nn.Module, config, selected, calibration_data, tokenizer=No
         block_linears = [(n, m) for n, m in block.named_modules() if id(m) in names]
         dtype = next(block.parameters()).dtype
         last = index == len(blocks) - 1
-        float_outputs = None
+        float_outputs, mapped = None, []
         if block_linears:
+            mapped = file_backed(block.parameters())  # replaced by int4 below: their pages go after
             block.float()
             key = (type(block), tuple(n for n, _ in block_linears))
             if key not in discovered:
@@ -226,7 +227,9 @@ def calibrate(model: nn.Module, config, selected, calibration_data, tokenizer=No
         if not last:
             inputs = float_outputs if float_outputs is not None else run_block(block, inputs, dtype)
             inputs = cast_floats(inputs, torch.float32)
-            release_freed_memory()
+        release_file_pages(mapped)
+        del mapped
+        release_freed_memory()
     rest = [(n, m) for n, m in selected if id(m) not in done]
     if rest:
         warnings.warn(f"{len(rest)} Linears lie outside the calibrated blocks ({rest[0][0]}, ...); they are "

@@ -6,7 +6,6 @@ so attention masks, position embeddings and the like travel with the hidden stat
 
 from __future__ import annotations
 
-import ctypes
 import inspect
 import warnings
 
@@ -35,24 +34,6 @@ def find_blocks(model: nn.Module, linears: list[nn.Module]) -> tuple[str, list[n
                       f"every Linear's inputs at once", stacklevel=3)
         return "", [model]
     return best
-
-
-def _glibc_malloc_trim():
-    try:
-        return ctypes.CDLL(None).malloc_trim
-    except (OSError, AttributeError):  # not glibc (macOS, musl, Windows): nothing to do
-        return None
-
-
-_malloc_trim = _glibc_malloc_trim()
-
-
-def release_freed_memory() -> None:
-    """Hand freed heap memory back to the OS. glibc keeps the activations a mapping's
-    search freed in its heap, fragmented, so without this the peak RSS grows block after
-    block (measured on SmolLM2: 1047 -> 955 MB after 6 blocks) though the live set doesn't."""
-    if _malloc_trim is not None:
-        _malloc_trim(0)
 
 
 def map_tensors(obj, fn):
