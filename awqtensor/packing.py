@@ -15,6 +15,11 @@ Backend layouts are produced once, when a weight lands on a device or changes dt
   hard-coding it: blocks of rows, k-major, a fixed nibble order per block size, each
   probed once with a tiny tensor. The kernel takes groups of 32..256 columns; a larger group (per-channel)
   runs as several kernel groups sharing one scale, which changes nothing numerically.
+* ``"triton"``: int32 [K_padded / 8, N], the "plain" bytes read as little-endian int32
+  (eight columns per word, column 8w + i in bits 4i..4i+3) and transposed, so the Triton
+  kernels (``awqtensor.ops.triton_kernels``) load weight tiles as coalesced rows. Used on
+  CUDA, and on the CPU when ``AWQTENSOR_BACKEND=triton`` (with ``TRITON_INTERPRET=1``,
+  to test the kernels without a GPU). Needs a group size that is a multiple of 16.
 
 ``scales`` and ``zeros`` stay in their canonical [N, n_groups] shape in every layout.
 """
@@ -22,13 +27,16 @@ Backend layouts are produced once, when a weight lands on a device or changes dt
 from __future__ import annotations
 
 import functools
+import importlib.util
 import os
+import sys
 
 import torch
 
 PLAIN = "plain"
 CPU_INT4PACK = "cpu_int4pack"
-PACKINGS = (PLAIN, CPU_INT4PACK)
+TRITON = "triton"
+PACKINGS = (PLAIN, CPU_INT4PACK, TRITON)
 CPU_INT4PACK_GROUP_SIZES = (32, 64, 128, 256)
 
 
@@ -64,8 +72,30 @@ def cpu_int4pack_unsupported(n: int, group_size: int, dtype: torch.dtype) -> str
     return None
 
 
+def triton_unsupported(device: torch.device, group_size: int, dtype: torch.dtype) -> str | None:
+    """Why the Triton kernels cannot serve this weight on ``device``, or None if they can."""
+    device = torch.device(device)
+    if device.type == "cpu" and os.environ.get("AWQTENSOR_BACKEND") != "triton":
+        return "CPU tensors use the CPU kernels unless AWQTENSOR_BACKEND=triton"
+    if device.type not in ("cpu", "cuda"):
+        return f"no Triton path for {device.type} tensors"
+    if "triton" in os.environ.get("AWQTENSOR_DISABLE", "").split(","):
+        return "disabled by AWQTENSOR_DISABLE=triton"
+    if importlib.util.find_spec("triton") is None:
+        return "triton is not installed"
+    if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        return f"needs float activations, the weight is {dtype}"
+    if group_size % 16:
+        return f"needs group_size a multiple of 16, got {group_size}"
+    if sys.byteorder != "little":
+        return "the layout reads bytes as little-endian int32"
+    return None
+
+
 def choose_packing(device: torch.device, dtype: torch.dtype, n: int, group_size: int) -> str:
     """The layout the kernel for (device, dtype) reads; "plain" when no backend layout fits."""
+    if triton_unsupported(device, group_size, dtype) is None:
+        return TRITON
     if torch.device(device).type == "cpu" and cpu_int4pack_unsupported(n, group_size, dtype) is None:
         return CPU_INT4PACK
     return PLAIN
@@ -123,6 +153,8 @@ def codes(qweight: torch.Tensor, k_padded: int, packing_format: str) -> torch.Te
         return unpack_nibbles(qweight, k_padded)
     if packing_format == CPU_INT4PACK:
         return cpu_int4pack_codes(qweight, k_padded)
+    if packing_format == TRITON:
+        return unpack_nibbles(qweight.t().contiguous().view(torch.uint8), k_padded)
     raise ValueError(f"unknown packing {packing_format!r}; known: {PACKINGS}")
 
 
@@ -135,4 +167,6 @@ def repack(qweight: torch.Tensor, k_padded: int, source: str, target: str) -> to
         return pack_nibbles(unpacked)
     if target == CPU_INT4PACK:
         return _to_cpu_int4pack_codes(unpacked)
+    if target == TRITON:
+        return pack_nibbles(unpacked).view(torch.int32).t().contiguous()
     raise ValueError(f"unknown packing {target!r}; known: {PACKINGS}")

@@ -4,6 +4,10 @@ import pytest
 import torch
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
+# Without a GPU the Triton kernels run in Triton's interpreter on CPU tensors. It is read
+# when the kernels are defined (awqtensor.ops.triton_kernels is imported on first use).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # Relative to max |reference|: fp32 accumulates exactly enough; fp16/bf16 round the inputs.

@@ -9,6 +9,8 @@ Two candidates, tried in order; each says why it cannot serve a call:
 * ``dequantize_matmul``: dequantize into the activation dtype, then the dense matmul.
   Always applicable.
 
+Weights in the ``"triton"`` layout (``AWQTENSOR_BACKEND=triton``) go to ``ops.gpu``.
+
 ``AWQTENSOR_DISABLE=cpu_int4pack_mm`` turns the first off (and stops weights being packed
 for it, see ``awqtensor.packing``).
 """
@@ -19,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import packing, quant
-from . import reference
+from . import gpu, reference
 
 # Smallest M from which dequantize + dense matmul beats torch's int4 kernel, per dtype.
 DEQUANTIZE_FROM_M = {torch.float32: 3, torch.float16: 3}
@@ -66,6 +68,8 @@ def _int4pack_mm(x, qweight, scales, zeros, act_scale, bias, group_size):
 
 
 def int4_linear(x, qweight, scales, zeros, act_scale, bias, group_size, packing_format):
+    if packing_format == packing.TRITON:  # AWQTENSOR_BACKEND=triton: the Triton kernels, interpreted
+        return gpu.int4_linear(x, qweight, scales, zeros, act_scale, bias, group_size, packing_format)
     if int4pack_unsuitable(x, packing_format) is None:
         return _int4pack_mm(x, qweight, scales, zeros, act_scale, bias, group_size)
     return reference.int4_linear(x, qweight, scales, zeros, act_scale, bias, group_size, packing_format)

@@ -14,7 +14,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import cpu, reference
+from . import cpu, gpu, reference
 
 
 @torch.library.custom_op("awqtensor::int4_linear", mutates_args=())
@@ -37,6 +37,7 @@ def _(x, qweight, scales, zeros, act_scale, bias, group_size, packing_format):
 
 
 int4_linear.register_kernel("cpu")(cpu.int4_linear)
+int4_linear.register_kernel("cuda")(gpu.int4_linear)
 
 
 @torch.library.custom_op("awqtensor::dequantize", mutates_args=())
@@ -55,3 +56,7 @@ def dequantize(
 @dequantize.register_fake
 def _(qweight, scales, zeros, act_scale, group_size, in_features, packing_format):
     return scales.new_empty((scales.shape[0], in_features))
+
+
+dequantize.register_kernel("cpu")(gpu.dequantize)  # the Triton layout under the interpreter; else reference
+dequantize.register_kernel("cuda")(gpu.dequantize)

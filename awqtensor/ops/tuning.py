@@ -1,0 +1,122 @@
+"""Launch configurations and M thresholds for the Triton kernels, per device.
+
+A configuration is keyed by (kernel, M bucket, N, K, group size, dtype); the bucket is M
+rounded up to a power of two, capped at 4096. The cache is one JSON file per device name
+and Triton version, ``$AWQTENSOR_CACHE/triton/<device>-triton<version>.json``::
+
+    {"thresholds": {"gemv_max_m": 16, "gemm_max_m": 1024},
+     "configs": {"gemv|1|4096|4096|128|float16": {"block_n": 64, "block_k": 128, "split_k": 4}}}
+
+Nothing is measured at import or by default: a key missing from the cache gets the
+defaults below, unless ``AWQTENSOR_AUTOTUNE=1``, in which case the candidates are timed
+once (``triton.testing.do_bench``) on first use and the winner is saved.
+``benchmarks/gpu_kernels.py`` measures the thresholds and writes them here.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger("awqtensor")
+
+DEFAULT_THRESHOLDS = {"gemv_max_m": 16, "gemm_max_m": 1024}  # not yet measured on a GPU
+
+CANDIDATES = {
+    "gemv": [dict(block_n=bn, block_k=bk, split_k=sk)
+             for bn in (32, 64, 128) for bk in (64, 128) for sk in (1, 2, 4, 8)],
+    "gemm": [dict(block_m=bm, block_n=bn, block_k=bk, num_warps=w, num_stages=s)
+             for bm in (16, 32, 64, 128) for bn in (64, 128) for bk in (32, 64)
+             for w, s in ((4, 2), (4, 3), (8, 3))],
+}
+
+
+def bucket(m: int) -> int:
+    return min(4096, 1 << max(0, m - 1).bit_length())
+
+
+def device_name(device: torch.device) -> str:
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{device.type}-interpreter"
+
+
+def cache_path(device: torch.device) -> Path:
+    import triton
+
+    root = Path(os.environ.get("AWQTENSOR_CACHE", Path.home() / ".cache" / "awqtensor"))
+    name = "".join(c if c.isalnum() or c in "-_." else "_" for c in device_name(device))
+    return root / "triton" / f"{name}-triton{triton.__version__}.json"
+
+
+@functools.cache
+def _cache(path: Path) -> dict:
+    if not path.is_file():
+        return {"thresholds": {}, "configs": {}}
+    try:
+        data = json.loads(path.read_text())
+        return {"thresholds": dict(data.get("thresholds", {})), "configs": dict(data.get("configs", {}))}
+    except (OSError, ValueError, AttributeError) as error:
+        log.warning("ignoring the unreadable tuning cache %s (%s); delete it to re-tune", path, error)
+        return {"thresholds": {}, "configs": {}}
+
+
+def _save(path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(_cache(path), indent=1, sort_keys=True))
+    tmp.replace(path)
+
+
+def thresholds(device: torch.device) -> dict[str, int]:
+    return {**DEFAULT_THRESHOLDS, **_cache(cache_path(device))["thresholds"]}
+
+
+def set_thresholds(device: torch.device, **values: int) -> Path:
+    """Record measured thresholds for ``device`` (``benchmarks/gpu_kernels.py`` does)."""
+    path = cache_path(device)
+    _cache(path)["thresholds"].update(values)
+    _save(path)
+    return path
+
+
+def default_config(kernel: str, m: int, n: int, k: int) -> dict:
+    if kernel == "gemv":
+        # enough programs to keep a GPU busy: split K when N alone gives few of them
+        split_k = 1 if n // 64 * m >= 256 else min(8, max(1, k // 1024))
+        return dict(block_n=64, block_k=128, split_k=split_k)
+    block_m = 16 if m <= 16 else 32 if m <= 32 else 64
+    return dict(block_m=block_m, block_n=64, block_k=64, num_warps=4, num_stages=3)
+
+
+def config(kernel: str, m: int, n: int, k: int, group_size: int, dtype: torch.dtype, device: torch.device,
+           run=None) -> dict:
+    """The launch parameters for this call; ``run(config)`` launches it, for tuning."""
+    key = f"{kernel}|{bucket(m)}|{n}|{k}|{group_size}|{str(dtype).removeprefix('torch.')}"
+    path = cache_path(device)
+    cached = _cache(path)["configs"].get(key)
+    if cached is not None:
+        return cached
+    if run is None or os.environ.get("AWQTENSOR_AUTOTUNE") != "1" or torch.device(device).type != "cuda":
+        return default_config(kernel, m, n, k)
+    from triton.testing import do_bench
+
+    timings = {}
+    for candidate in CANDIDATES[kernel]:
+        try:
+            timings[json.dumps(candidate)] = do_bench(lambda: run(candidate), warmup=5, rep=20)
+        except Exception as error:  # a candidate the device cannot launch (shared memory, registers)
+            log.debug("tuning %s: %s failed: %s", key, candidate, error)
+    if not timings:
+        return default_config(kernel, m, n, k)
+    best = json.loads(min(timings, key=timings.get))
+    log.info("tuned %s: %s (%.4f ms)", key, best, min(timings.values()))
+    _cache(path)["configs"][key] = best
+    _save(path)
+    return best

@@ -1,0 +1,139 @@
+"""The Triton kernels (``awqtensor.ops.triton_kernels``) against an independent float64
+reference: natively on a GPU, in Triton's interpreter on CPU tensors otherwise
+(``AWQTENSOR_BACKEND=triton``, ``TRITON_INTERPRET=1`` from conftest). Small shapes: the
+interpreter runs each program in numpy."""
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import reference
+from awqtensor import Int4AWQTensor, packing
+from conftest import max_rel_err
+from test_ops import make_weight
+
+pytest.importorskip("triton")
+
+from awqtensor.ops import gpu, triton_kernels, tuning  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+TOL = {torch.float16: 3e-3, torch.bfloat16: 2e-2}
+N, K = 40, 200  # N not a multiple of BLOCK_N, K not a multiple of any group size (padded)
+
+
+@pytest.fixture(autouse=True)
+def triton_backend(monkeypatch, tmp_path):
+    monkeypatch.setenv("AWQTENSOR_BACKEND", "triton")
+    monkeypatch.setenv("AWQTENSOR_CACHE", str(tmp_path))
+    monkeypatch.delenv("AWQTENSOR_DISABLE", raising=False)
+    tuning._cache.cache_clear()
+    yield
+    tuning._cache.cache_clear()
+
+
+def triton_weight(n, k, dtype, group_size, zero_point=True, act_scale=False, seed=0):
+    t = make_weight(n, k, dtype, group_size, zero_point, act_scale, seed=seed).to(DEVICE)
+    assert t.packing_format == packing.TRITON, t
+    return t
+
+
+def ref_linear(x, t, bias=None):
+    return reference.linear(x.cpu(), t, None if bias is None else bias.cpu())
+
+
+@pytest.mark.parametrize("m", [1, 15, 16, 17, 127, 128, 129])
+@pytest.mark.parametrize("group_size", [32, 64, 128])
+def test_linear_matches_float64_reference(m, group_size):
+    dtype = torch.float16 if (m + group_size) % 2 else torch.bfloat16
+    t = triton_weight(N, K, dtype, group_size, act_scale=m % 2 == 1, seed=m + group_size)
+    x = torch.randn(m, K, dtype=dtype, device=DEVICE)
+    bias = torch.randn(N, dtype=dtype, device=DEVICE)
+    assert gpu.choose(m, x.device) == ("gemv" if m <= 16 else "gemm")
+    y = F.linear(x, t, bias)
+    assert y.dtype == dtype and y.shape == (m, N)
+    assert max_rel_err(y.cpu(), ref_linear(x, t, bias)) < TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("zero_point,act_scale", [(True, False), (False, True)])
+def test_each_kernel(dtype, zero_point, act_scale):
+    t = triton_weight(72, 160, dtype, 32, zero_point, act_scale, seed=3)
+    x = torch.randn(20, 160, dtype=dtype, device=DEVICE)
+    bias = torch.randn(72, dtype=dtype, device=DEVICE)
+    expected = ref_linear(x, t, bias)
+    args = (t.qweight, t.scales, t.zeros, t.act_scale, bias, t.group_size)
+    for split_k in (1, 3):  # 3 does not divide the 5 K tiles
+        y = triton_kernels.gemv(x, *args, block_n=32, block_k=32, split_k=split_k)
+        assert max_rel_err(y.cpu(), expected) < TOL[dtype]
+    for block_m in (16, 32):
+        y = triton_kernels.gemm(x, *args, block_m=block_m, block_n=64, block_k=32)
+        assert max_rel_err(y.cpu(), expected) < TOL[dtype]
+    w = triton_kernels.dequantize(t.qweight, t.scales, t.zeros, t.act_scale, 32, 160, dtype)
+    assert max_rel_err(w.cpu(), torch.from_numpy(reference.dequantize(t))) < TOL[dtype]
+
+
+def test_dequantize_matmul_route(monkeypatch):
+    monkeypatch.setenv("AWQTENSOR_DISABLE", "gemv,gemm")
+    assert gpu.reasons(4, torch.device(DEVICE))["gemv"] == "disabled by AWQTENSOR_DISABLE=gemv"
+    assert gpu.choose(4, torch.device(DEVICE)) == "dequantize_matmul"
+    t = triton_weight(N, K, torch.float16, 64, act_scale=True, seed=5)
+    x = torch.randn(2, 3, K, dtype=torch.float16, device=DEVICE)
+    y = F.linear(x, t)
+    assert y.shape == (2, 3, N)
+    assert max_rel_err(y.reshape(6, N).cpu(), ref_linear(x.reshape(6, K), t)) < TOL[torch.float16]
+
+
+def test_rows_are_batch_invariant_within_a_kernel():
+    t = triton_weight(N, K, torch.float16, 64, seed=7)
+    x = torch.randn(64, K, dtype=torch.float16, device=DEVICE)
+    gemv_rows = F.linear(x[:15], t)
+    for i in (0, 7, 14):
+        assert torch.equal(F.linear(x[i : i + 1], t)[0], gemv_rows[i])
+    full = F.linear(x, t)  # 33..64 rows share one tile shape
+    assert torch.equal(F.linear(x[:33], t), full[:33])
+    assert max_rel_err(gemv_rows.cpu(), full[:15].double().cpu()) < TOL[torch.float16]
+
+
+def test_layout_round_trip_and_back_to_cpu(monkeypatch):
+    t = triton_weight(N, K, torch.bfloat16, 32, seed=9)
+    assert t.qweight.dtype == torch.int32 and t.qweight.shape == (t.k_padded // 8, N)
+    plain = t.plain_qweight()
+    assert torch.equal(packing.repack(plain, t.k_padded, packing.PLAIN, packing.TRITON), t.qweight)
+    monkeypatch.delenv("AWQTENSOR_BACKEND")
+    back = t.to("cpu", torch.float32)
+    assert back.packing_format != packing.TRITON
+    torch.testing.assert_close(back.dequantize(), t.dequantize().cpu().float(), rtol=1e-2, atol=1e-3)
+    restored = Int4AWQTensor.from_float(torch.randn(16, 64), 32).to(DEVICE, torch.float16)
+    monkeypatch.setenv("AWQTENSOR_BACKEND", "triton")
+    assert restored.to(DEVICE, torch.bfloat16).packing_format == packing.TRITON
+
+
+def test_opcheck():
+    t = triton_weight(32, 96, torch.float16, 32, act_scale=True, seed=1)
+    x = torch.randn(2, 3, 96, dtype=torch.float16, device=DEVICE)
+    bias = torch.randn(32, dtype=torch.float16, device=DEVICE)
+    torch.library.opcheck(torch.ops.awqtensor.int4_linear.default,
+                          (x, t.qweight, t.scales, t.zeros, t.act_scale, bias, t.group_size, t.packing_format))
+    torch.library.opcheck(torch.ops.awqtensor.dequantize.default,
+                          (t.qweight, t.scales, t.zeros, t.act_scale, t.group_size, 96, t.packing_format))
+
+
+def test_tuning_cache_is_read_and_corrupt_files_are_ignored(caplog):
+    device = torch.device(DEVICE)
+    assert tuning.thresholds(device) == tuning.DEFAULT_THRESHOLDS
+    path = tuning.set_thresholds(device, gemv_max_m=4)
+    assert json.loads(path.read_text())["thresholds"]["gemv_max_m"] == 4
+    assert gpu.choose(5, device) == "gemm" and gpu.choose(4, device) == "gemv"
+    key = "gemv|8|40|200|64|float16"
+    data = json.loads(path.read_text())
+    data["configs"][key] = {"block_n": 16, "block_k": 32, "split_k": 2}
+    path.write_text(json.dumps(data))
+    tuning._cache.cache_clear()
+    assert tuning.config("gemv", 5, 40, 200, 64, torch.float16, device) == data["configs"][key]
+    assert tuning.config("gemv", 5, 40, 256, 64, torch.float16, device) == tuning.default_config("gemv", 5, 40, 256)
+    path.write_text("{not json")
+    tuning._cache.cache_clear()
+    assert tuning.thresholds(device) == tuning.DEFAULT_THRESHOLDS
+    assert "ignoring the unreadable tuning cache" in caplog.text
