@@ -4,6 +4,7 @@ reference: natively on a GPU, in Triton's interpreter on CPU tensors otherwise
 interpreter runs each program in numpy."""
 
 import json
+import os
 
 import pytest
 import torch
@@ -137,3 +138,19 @@ def test_tuning_cache_is_read_and_corrupt_files_are_ignored(caplog):
     tuning._cache.cache_clear()
     assert tuning.thresholds(device) == tuning.DEFAULT_THRESHOLDS
     assert "ignoring the unreadable tuning cache" in caplog.text
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the full benchmark is for a GPU session")
+def test_kernel_benchmark_script_runs_under_the_interpreter(tmp_path):
+    import csv
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    subprocess.run([sys.executable, str(root / "benchmarks" / "gpu_kernels.py"), "--smoke", "--out", str(tmp_path)],
+                   check=True, capture_output=True, cwd=root, env={**os.environ, "TRITON_INTERPRET": "1"})
+    rows = list(csv.DictReader(next(tmp_path.glob("gpu_kernels_*.csv")).open()))
+    assert {"M", "speedup", "ms", "GB/s", "TFLOP/s"} <= set(rows[0])
+    assert {int(r["M"]) for r in rows} == {1, 16, 17}
+    assert {r["chosen"] for r in rows if "auto" in r["method"]} == {"gemv", "gemm"}
