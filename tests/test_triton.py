@@ -154,3 +154,18 @@ def test_kernel_benchmark_script_runs_under_the_interpreter(tmp_path):
     assert {"M", "speedup", "ms", "GB/s", "TFLOP/s"} <= set(rows[0])
     assert {int(r["M"]) for r in rows} == {1, 16, 17}
     assert {r["chosen"] for r in rows if "auto" in r["method"]} == {"gemv", "gemm"}
+
+
+def test_fused_model_on_the_triton_kernels():
+    from awqtensor import fuse_, quantize_, rtn_config
+    from conftest import tiny_llama
+
+    model = tiny_llama(seed=3).to(DEVICE, torch.float16)
+    quantize_(model, rtn_config(group_size=32))
+    assert model.model.layers[0].mlp.up_proj.weight.packing_format == packing.TRITON
+    ids = torch.randint(0, 320, (1, 4), generator=torch.Generator().manual_seed(2)).to(DEVICE)
+    with torch.no_grad():
+        expected = model(ids).logits
+        fuse_(model)
+        assert model.model.layers[0].self_attn.qkv_proj.weight.packing_format == packing.TRITON
+        assert max_rel_err(model(ids).logits, expected) < TOL[torch.float16]
