@@ -30,8 +30,8 @@ from .tensor import Int4AWQTensor
 
 log = logging.getLogger("awqtensor")
 
-# (children that read one input, the fused module's name): transformers' Llama, Qwen2,
-# Mistral, Gemma, Phi-3-style... names; pass groups= for other models.
+# (children that read one input, the fused module's name): the names of transformers'
+# Llama, Qwen2, Mistral and Gemma; pass groups= for other models.
 GROUPS = ((("q_proj", "k_proj", "v_proj"), "qkv_proj"), (("gate_proj", "up_proj"), "gate_up_proj"))
 
 
@@ -119,7 +119,7 @@ def fuse_(model: nn.Module, groups=GROUPS) -> nn.Module:
             if not all(isinstance(getattr(parent, n, None), nn.Module) for n in names):
                 continue
             linears = [getattr(parent, n) for n in names]
-            why = _why_not(linears)
+            why = f"it already has a {fused_name!r}" if hasattr(parent, fused_name) else _why_not(linears)
             if why is not None:
                 log.debug("not fusing %s.%s: %s", parent_name, names, why)
                 continue

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import csv
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -116,7 +117,7 @@ def main():
             print(f"{shape:<20} M={m:<5} " + "  ".join(f"{k_}: {v:.2f}x" for k_, v in best.items()), flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    slug = "".join(c if c.isalnum() else "_" for c in name).strip("_")
+    slug = re.sub(r"[^A-Za-z0-9]+", "_", name).strip("_")
     csv_path = out / f"gpu_kernels_{slug}.csv"
     with csv_path.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))

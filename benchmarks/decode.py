@@ -1,0 +1,120 @@
+"""End-to-end decode speed: the dense model against awqtensor, unfused and fused, same run.
+
+    python benchmarks/decode.py                      # CPU: SmolLM2-135M (fp32), eager and compiled
+    python benchmarks/decode.py --model llama-1b     # CUDA: random-weight Llama at 1B / 8B shapes (fp16)
+    python benchmarks/decode.py --model llama-8b
+
+Batch 1, greedy, a static KV cache; tokens/s is measured between the first new token and
+the last (``(n - 1) / (t(n) - t(1))``), so the prompt's prefill is left out. Variants:
+dense eager, dense compiled, awqtensor compiled unfused, awqtensor compiled fused
+(``fuse_``); on CUDA compiled means ``mode="reduce-overhead"`` (CUDA graphs). Writes
+``benchmarks/results/decode_<device>.csv`` with ``speedup`` against dense compiled.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import platform
+import re
+import time
+from pathlib import Path
+
+import torch
+
+from awqtensor import fuse_, quantize_, rtn_config
+
+SHAPES = {  # Llama-3.2-1B and Llama-3-8B
+    "llama-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                     num_key_value_heads=8, vocab_size=128256),
+    "llama-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                     num_key_value_heads=8, vocab_size=128256),
+}
+
+
+def load(name: str, device: torch.device, dtype: torch.dtype):
+    if name == "smollm2":
+        from awqtensor import smollm2
+
+        model, _ = smollm2.load(dtype)
+        return model.to(device)
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    with torch.device(device):
+        return LlamaForCausalLM(LlamaConfig(**SHAPES[name], max_position_embeddings=4096)).to(dtype).eval()
+
+
+def tokens_per_s(model, ids, new_tokens: int) -> float:
+    def timed(n):
+        if ids.device.type == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, cache_implementation="static",
+                       disable_compile=True)  # we compile, or not, ourselves
+        if ids.device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - t
+
+    timed(new_tokens)  # compiles (twice for CUDA graphs to settle)
+    timed(new_tokens)
+    one = min(timed(1) for _ in range(2))
+    full = min(timed(new_tokens) for _ in range(2))
+    return (new_tokens - 1) / (full - one)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2", choices=["smollm2", *SHAPES])
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--prompt-tokens", type=int, default=16)
+    parser.add_argument("--group-size", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--variants", nargs="+",
+                        default=["dense eager", "dense compiled", "awq compiled", "awq compiled fused"])
+    parser.add_argument("--out", default="benchmarks/results")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if args.model != "smollm2" and device.type != "cuda":
+        raise SystemExit(f"{args.model} is for a CUDA device; on the CPU use --model smollm2")
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    mode = "reduce-overhead" if device.type == "cuda" else None
+    base = load(args.model, device, dtype)
+    ids = torch.randint(100, 1000, (1, args.prompt_tokens), generator=torch.Generator().manual_seed(0)).to(device)
+    rows = []
+    for variant in args.variants:
+        model = base if variant.startswith("dense") else copy.deepcopy(base)
+        if variant.startswith("awq"):
+            quantize_(model, rtn_config(group_size=args.group_size))  # speed does not depend on the scales
+            if variant.endswith("fused"):
+                fuse_(model)
+        if "compiled" in variant:
+            model.forward = torch.compile(model.forward, mode=mode, fullgraph=True)
+        tps = tokens_per_s(model, ids, args.new_tokens)
+        rows.append({"device": torch.cuda.get_device_name() if device.type == "cuda" else
+                     f"cpu ({platform.machine()}, {args.threads} threads)", "model": args.model,
+                     "dtype": str(dtype).removeprefix("torch."), "variant": variant, "tokens_per_s": tps})
+        print(f"{variant:<22} {tps:8.2f} tok/s", flush=True)
+        if model is base and "compiled" in variant:
+            del model.forward  # back to the eager forward for the next variant
+        torch._dynamo.reset()
+    reference = next((r["tokens_per_s"] for r in rows if r["variant"] == "dense compiled"), rows[0]["tokens_per_s"])
+    for r in rows:
+        r["speedup"] = r["tokens_per_s"] / reference
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    slug = re.sub(r"[^A-Za-z0-9]+", "_", rows[0]["device"]).strip("_")
+    path = out / f"decode_{args.model}_{slug}.csv"
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    print(f"\n{'variant':<22} {'tok/s':>8} {'speedup vs dense compiled':>26}")
+    for r in rows:
+        print(f"{r['variant']:<22} {r['tokens_per_s']:8.2f} {r['speedup']:26.2f}")
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
