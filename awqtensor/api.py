@@ -98,16 +98,18 @@ def quantize_(
         if config.step == "convert":
             return observe.convert(model, config, selected)
         return calibration.calibrate(model, config, selected, calibration_data, tokenizer)
+    mapped = {t.data_ptr(): t for t in file_backed(m.weight for _, m in selected)}
     for name, module in tqdm(selected, desc="quantizing", unit="linear", disable=None, leave=False):
+        old = mapped.pop(module.weight.data_ptr(), None)
         _swap_weight(module, config)
+        if old is not None:  # the float weight's mmapped pages, once it is replaced
+            release_file_pages([old])
     return model
 
 
 def _swap_weight(module: nn.Linear, config: _Int4WeightConfig, act_scale: torch.Tensor | None = None) -> nn.Linear:
-    mapped = file_backed([module.weight])
     weight = Int4AWQTensor.from_float(module.weight.detach(), config.group_size, config.zero_point, act_scale)
     module.weight = nn.Parameter(weight, requires_grad=False)
-    release_file_pages(mapped)  # the float weight's mmapped pages, once it is replaced
     return module
 
 
