@@ -18,7 +18,6 @@ cached as JSON, defaults otherwise; nothing is tuned at import.
 
 from __future__ import annotations
 
-import logging
 import os
 
 import torch
@@ -26,8 +25,6 @@ import torch.nn.functional as F
 
 from .. import packing
 from . import reference, tuning
-
-log = logging.getLogger("awqtensor")
 
 KERNELS = ("gemv", "gemm", "dequantize_matmul")
 

@@ -48,9 +48,14 @@ def device_name(device: torch.device) -> str:
 
 
 def cache_path(device: torch.device) -> Path:
+    return _cache_path(torch.device(device), os.environ.get("AWQTENSOR_CACHE", ""))
+
+
+@functools.cache  # looked up on every op call: no device query or path building per call
+def _cache_path(device: torch.device, root: str) -> Path:
     import triton
 
-    root = Path(os.environ.get("AWQTENSOR_CACHE", Path.home() / ".cache" / "awqtensor"))
+    root = Path(root) if root else Path.home() / ".cache" / "awqtensor"
     name = "".join(c if c.isalnum() or c in "-_." else "_" for c in device_name(device))
     return root / "triton" / f"{name}-triton{triton.__version__}.json"
 
