@@ -17,7 +17,6 @@ dequantize_matmul, become this device's thresholds (``awqtensor.ops.tuning``).
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 import re
 from pathlib import Path
@@ -26,6 +25,7 @@ import torch
 
 from awqtensor import Int4AWQTensor, packing
 from awqtensor.ops import gpu, triton_kernels, tuning
+from common import provenance, write_csv
 
 SHAPES = {"q/o 4096x4096": (4096, 4096), "qkv 6144x4096": (6144, 4096),
           "gate/up 28672x4096": (28672, 4096), "down 4096x14336": (4096, 14336)}
@@ -112,17 +112,11 @@ def main():
                 rows.append({"device": name, "shape": shape, "N": n, "K": k, "M": m, "method": method,
                              "ms": ms_, "GB/s": moved / ms_ / 1e6, "TFLOP/s": 2 * m * n * k / ms_ / 1e9,
                              "speedup": times["fp16 matmul"] / ms_, "group_size": gs,
-                             "chosen": gpu.choose(m, device) if "auto" in method else ""})
+                             "chosen": gpu.choose(m, device) if "auto" in method else "", **provenance()})
             best = {r["method"]: r["speedup"] for r in rows[-len(times):]}
             print(f"{shape:<20} M={m:<5} " + "  ".join(f"{k_}: {v:.2f}x" for k_, v in best.items()), flush=True)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     slug = re.sub(r"[^A-Za-z0-9]+", "_", name).strip("_")
-    csv_path = out / f"gpu_kernels_{slug}.csv"
-    with csv_path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    csv_path = write_csv(Path(args.out) / f"gpu_kernels_{slug}.csv", rows)
     print(f"wrote {csv_path}")
     try:
         import matplotlib
