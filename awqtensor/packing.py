@@ -162,6 +162,10 @@ def repack(qweight: torch.Tensor, k_padded: int, source: str, target: str) -> to
     """Convert ``qweight`` between layouts (via the codes)."""
     if source == target:
         return qweight
+    if (source, target) == (PLAIN, TRITON):  # the same bytes, read as int32 and transposed
+        return qweight.contiguous().view(torch.int32).t().contiguous()
+    if (source, target) == (TRITON, PLAIN):
+        return qweight.t().contiguous().view(torch.uint8)
     unpacked = codes(qweight, k_padded, source)
     if target == PLAIN:
         return pack_nibbles(unpacked)
