@@ -28,6 +28,7 @@ import torch
 from awqtensor import awq_config, evaluation, load_autoawq, quantize_, rtn_config, smollm2
 from awqtensor.calibration import calibrate
 from awqtensor.api import select_linears
+from common import provenance
 
 METHODS = ("float", "rtn", "awq", "autoawq", "awq-two-step", "awq-float-propagation", "awq-noclip")
 
@@ -111,11 +112,10 @@ def main():
     # Rows of methods not run this time are kept, so methods can be (re)measured one by one.
     path = Path(args.csv or f"benchmarks/results/perplexity_g{args.group_size}.csv")
     path.parent.mkdir(parents=True, exist_ok=True)
-    fields = list(rows[0]) + ["windows", "calib_blocks", "seq_len", "device", "torch", "commit", "command"]
+    fields = list(rows[0]) + ["windows", "calib_blocks", "seq_len", "device", "torch", "triton", "commit", "command"]
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     new = {r["method"]: {**r, "windows": args.windows, "calib_blocks": args.calib_blocks, "seq_len": args.seq_len,
-                         "device": device, "torch": torch.__version__, "commit": commit,
-                         "command": "python benchmarks/perplexity.py " + " ".join(sys.argv[1:])} for r in rows}
+                         "device": device, "commit": commit, **provenance()} for r in rows}
     old = {}
     if path.is_file():
         with open(path, newline="") as f:
