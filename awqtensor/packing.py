@@ -15,6 +15,15 @@ Backend layouts are produced once, when a weight lands on a device or changes dt
   hard-coding it: blocks of rows, k-major, a fixed nibble order per block size, each
   probed once with a tiny tensor. The kernel takes groups of 32..256 columns; a larger group (per-channel)
   runs as several kernel groups sharing one scale, which changes nothing numerically.
+* ``"cpu_blocks"``: the layout of awqtensor's own CPU kernel (``awqtensor/ops/cpu_kernel.cpp``),
+  uint8 [N, n_groups * (8 + 16 * nb)] with ``nb = ceil(group_size / 32)``: per row, per
+  group, an fp32 ``scale`` and fp32 ``scale * zero`` (so the kernel reads one sequential
+  stream and never converts), then ``nb`` blocks of 16 bytes, byte i holding column i of
+  the block in its low nibble and column i + 16 in its high nibble (a vector unpacks 32
+  codes in column order with one shift and two masks, on x86 and ARM alike). A group
+  that is not a multiple of 32 columns (per-channel) is padded with code 0 to the block;
+  the kernel zeroes the activations there. Chosen on the CPU whenever that kernel builds
+  and loads; the canonical ``scales``/``zeros`` stay alongside, as in every layout.
 * ``"triton"``: int32 [K_padded / 8, N], the "plain" bytes read as little-endian int32
   (eight columns per word, column 8w + i in bits 4i..4i+3) and transposed, so the Triton
   kernels (``awqtensor.ops.triton_kernels``) load weight tiles as coalesced rows. Used on
@@ -36,7 +45,8 @@ import torch
 PLAIN = "plain"
 CPU_INT4PACK = "cpu_int4pack"
 TRITON = "triton"
-PACKINGS = (PLAIN, CPU_INT4PACK, TRITON)
+CPU_BLOCKS = "cpu_blocks"
+PACKINGS = (PLAIN, CPU_INT4PACK, TRITON, CPU_BLOCKS)
 CPU_INT4PACK_GROUP_SIZES = (32, 64, 128, 256)
 
 
@@ -92,10 +102,22 @@ def triton_unsupported(device: torch.device, group_size: int, dtype: torch.dtype
     return None
 
 
+def cpu_blocks_unsupported(dtype: torch.dtype) -> str | None:
+    """Why awqtensor's CPU kernel cannot serve this weight, or None if it can (building
+    the kernel on first call; a failed build warns once and answers why)."""
+    if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        return f"needs float activations, the weight is {dtype}"
+    from .ops import cpu_kernel  # the kernel module, loaded only when a weight lands on the CPU
+
+    return cpu_kernel.unavailable()
+
+
 def choose_packing(device: torch.device, dtype: torch.dtype, n: int, group_size: int) -> str:
     """The layout the kernel for (device, dtype) reads; "plain" when no backend layout fits."""
     if triton_unsupported(device, group_size, dtype) is None:
         return TRITON
+    if torch.device(device).type == "cpu" and cpu_blocks_unsupported(dtype) is None:
+        return CPU_BLOCKS
     if torch.device(device).type == "cpu" and cpu_int4pack_unsupported(n, group_size, dtype) is None:
         return CPU_INT4PACK
     return PLAIN
@@ -147,26 +169,74 @@ def cpu_int4pack_codes(packed: torch.Tensor, k_padded: int) -> torch.Tensor:
     return torch.cat(pieces) if len(pieces) > 1 else pieces[0].contiguous()
 
 
-def codes(qweight: torch.Tensor, k_padded: int, packing_format: str) -> torch.Tensor:
-    """uint8 codes [N, k_padded] of a weight in any layout."""
+def _blocks_per_group(group_size: int) -> int:
+    return -(-group_size // 32)
+
+
+def to_cpu_blocks(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None) -> torch.Tensor:
+    """uint8 codes [N, k_padded] and their canonical scales/zeros -> the "cpu_blocks" bytes."""
+    from .quant import SYMMETRIC_ZERO
+
+    n, n_groups = scales.shape
+    group_size = codes.shape[1] // n_groups
+    nb = _blocks_per_group(group_size)
+    grouped = codes.reshape(n, n_groups, group_size).to(torch.uint8)
+    if nb * 32 > group_size:
+        grouped = torch.nn.functional.pad(grouped, (0, nb * 32 - group_size))
+    halves = grouped.reshape(n, n_groups, nb, 2, 16)
+    blocks = (halves[:, :, :, 0] | (halves[:, :, :, 1] << 4)).reshape(n, n_groups, nb * 16)
+    s = scales.float()
+    z = torch.full_like(s, SYMMETRIC_ZERO) if zeros is None else zeros.float()
+    header = torch.stack((s, s * z), dim=-1).contiguous().view(torch.uint8)  # [N, G, 8]
+    return torch.cat((header, blocks), dim=-1).reshape(n, -1).contiguous()
+
+
+def cpu_blocks_codes(packed: torch.Tensor, k_padded: int, n_groups: int) -> torch.Tensor:
+    """uint8 codes [N, k_padded] of a "cpu_blocks" weight (its headers dropped)."""
+    n = packed.shape[0]
+    group_size = k_padded // n_groups
+    nb = _blocks_per_group(group_size)
+    blocks = packed.reshape(n, n_groups, 8 + 16 * nb)[:, :, 8:].reshape(n, n_groups, nb, 1, 16)
+    halves = torch.cat((blocks & 0x0F, blocks >> 4), dim=3)  # [N, G, nb, 2, 16]
+    return halves.reshape(n, n_groups, nb * 32)[:, :, :group_size].reshape(n, k_padded)
+
+
+def codes(qweight: torch.Tensor, k_padded: int, packing_format: str, n_groups: int | None = None) -> torch.Tensor:
+    """uint8 codes [N, k_padded] of a weight in any layout ("cpu_blocks" needs ``n_groups``)."""
     if packing_format == PLAIN:
         return unpack_nibbles(qweight, k_padded)
     if packing_format == CPU_INT4PACK:
         return cpu_int4pack_codes(qweight, k_padded)
     if packing_format == TRITON:
         return unpack_nibbles(qweight.t().contiguous().view(torch.uint8), k_padded)
+    if packing_format == CPU_BLOCKS:
+        if n_groups is None:
+            raise ValueError("reading a 'cpu_blocks' weight needs n_groups (scales.shape[1])")
+        return cpu_blocks_codes(qweight, k_padded, n_groups)
     raise ValueError(f"unknown packing {packing_format!r}; known: {PACKINGS}")
 
 
-def repack(qweight: torch.Tensor, k_padded: int, source: str, target: str) -> torch.Tensor:
-    """Convert ``qweight`` between layouts (via the codes)."""
+def repack(
+    qweight: torch.Tensor,
+    k_padded: int,
+    source: str,
+    target: str,
+    scales: torch.Tensor | None = None,
+    zeros: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Convert ``qweight`` between layouts (via the codes). "cpu_blocks", as source or
+    target, needs the weight's canonical ``scales`` (and ``zeros``, None when symmetric)."""
     if source == target:
         return qweight
     if (source, target) == (PLAIN, TRITON):  # the same bytes, read as int32 and transposed
         return qweight.contiguous().view(torch.int32).t().contiguous()
     if (source, target) == (TRITON, PLAIN):
         return qweight.t().contiguous().view(torch.uint8)
-    unpacked = codes(qweight, k_padded, source)
+    if CPU_BLOCKS in (source, target) and scales is None:
+        raise ValueError("repacking to or from 'cpu_blocks' needs the weight's scales (and zeros)")
+    unpacked = codes(qweight, k_padded, source, None if scales is None else scales.shape[1])
+    if target == CPU_BLOCKS:
+        return to_cpu_blocks(unpacked, scales, zeros)
     if target == PLAIN:
         return pack_nibbles(unpacked)
     if target == CPU_INT4PACK:

@@ -96,7 +96,8 @@ class Int4AWQTensor(TorchAOBaseTensor):
 
     def plain_qweight(self) -> torch.Tensor:
         """``qweight`` in the canonical "plain" layout (a no-op when it already is)."""
-        return packing.repack(self.qweight, self.k_padded, self.packing_format, packing.PLAIN)
+        return packing.repack(self.qweight, self.k_padded, self.packing_format, packing.PLAIN,
+                              self.scales, self.zeros)
 
     def dequantize(self) -> torch.Tensor:
         """The float weight [N, K] this tensor stands for, in its dtype."""
@@ -119,10 +120,11 @@ class Int4AWQTensor(TorchAOBaseTensor):
             return self
         plain = self.plain_qweight()
         cast = (lambda t: None if t is None else t.to(device=device, dtype=dtype))
+        scales, zeros = cast(self.scales), None if self.zeros is None else self.zeros.to(device)
         return self._replace(
-            qweight=packing.repack(plain.to(device), self.k_padded, packing.PLAIN, target),
-            scales=cast(self.scales),
-            zeros=None if self.zeros is None else self.zeros.to(device),
+            qweight=packing.repack(plain.to(device), self.k_padded, packing.PLAIN, target, scales, zeros),
+            scales=scales,
+            zeros=zeros,
             act_scale=cast(self.act_scale),
             packing_format=target,
         )

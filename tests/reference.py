@@ -60,3 +60,26 @@ def linear(x: torch.Tensor, t, bias: torch.Tensor | None = None) -> torch.Tensor
     w = torch.from_numpy(dequantize(t))
     y = x.double() @ w.T
     return y if bias is None else y + bias.double()
+
+
+def q8_linear(x: torch.Tensor, t, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """float64 model of the CPU kernel's W4A8 product: each row of ``x * act_scale`` is
+    quantized per 32-column block of each group (the block ends at the group's or K's
+    end) to int8 with scale absmax / 127, exactly as the kernel does it in float32; the
+    products and sums are then taken in float64."""
+    n, k = t.shape
+    xs = x.float().numpy().astype(np.float32)
+    if t.act_scale is not None:
+        xs = xs * t.act_scale.float().numpy().astype(np.float32)[None, :]
+    xq = np.empty(xs.shape, dtype=np.float64)  # the dequantized int8 activations
+    for cols in group_slices(k, t.group_size):
+        for start in range(cols.start, cols.stop, 32):
+            block = xs[:, start : min(start + 32, cols.stop)]
+            d = (np.abs(block).max(axis=1, keepdims=True) / np.float32(127)).astype(np.float32)
+            inv = np.where(d > 0, np.float32(1) / np.where(d > 0, d, np.float32(1)), np.float32(0)).astype(np.float32)
+            xq[:, start : start + block.shape[1]] = np.rint(block * inv) * d.astype(np.float64)
+    w = dequantize(t)
+    if t.act_scale is not None:  # already applied to the activations
+        w = w / t.act_scale.double().numpy()[None, :]
+    y = torch.from_numpy(xq @ w.T)
+    return y if bias is None else y + bias.double()

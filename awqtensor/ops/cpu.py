@@ -1,6 +1,15 @@
 """CPU implementations of the ops.
 
-Two candidates, tried in order; each says why it cannot serve a call:
+A weight lands on the CPU in the layout of the best kernel that can serve it
+(``packing.choose_packing``): awqtensor's own kernel (``"cpu_blocks"``, ``cpu_kernel.py``)
+whenever it builds, else torch's int4 kernel, else the canonical layout. For the
+``cpu_blocks`` layout:
+
+* ``cpu_blocks``: awqtensor's kernel, int8 activations x int4 weights. Every M, dtype and
+  group size; several times faster than the dense fp32 matmul (``benchmarks/cpu_sweep.py``).
+* otherwise (disabled after the weight was packed) the pure-torch reference.
+
+For the ``cpu_int4pack`` layout, two candidates, tried in order; each says why it cannot serve a call:
 
 * ``cpu_int4pack_mm``: torch's int4 CPU kernel on a ``cpu_int4pack`` weight. With bf16
   activations it beats everything here at every M measured (1..128); with fp32/fp16 its
@@ -21,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import packing, quant
-from . import gpu, reference
+from . import cpu_kernel, gpu, reference
 
 # Smallest M from which dequantize + dense matmul beats torch's int4 kernel, per dtype.
 DEQUANTIZE_FROM_M = {torch.float32: 3, torch.float16: 3}
@@ -68,6 +77,8 @@ def _int4pack_mm(x, qweight, scales, zeros, act_scale, bias, group_size):
 
 
 def int4_linear(x, qweight, scales, zeros, act_scale, bias, group_size, packing_format):
+    if packing_format == packing.CPU_BLOCKS and cpu_kernel.unavailable() is None:
+        return cpu_kernel.linear(x, qweight, scales.shape[1], group_size, act_scale, bias, scales.shape[0])
     if packing_format == packing.TRITON:  # AWQTENSOR_BACKEND=triton: the Triton kernels, interpreted
         return gpu.int4_linear(x, qweight, scales, zeros, act_scale, bias, group_size, packing_format)
     if int4pack_unsuitable(x, packing_format) is None:

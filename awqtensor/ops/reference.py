@@ -22,7 +22,7 @@ def dequantize(
 ) -> torch.Tensor:
     """The float weight [N, in_features] this quantized weight stands for, in scales.dtype:
     ``(q - zero) * scale``, times ``act_scale`` per input channel when there is one."""
-    q = packing.codes(qweight, scales.shape[1] * group_size, packing_format)
+    q = packing.codes(qweight, scales.shape[1] * group_size, packing_format, scales.shape[1])
     w = quant.dequantize(q, scales, zeros, group_size, in_features, dtype=torch.float32)
     if act_scale is not None:
         w = w * act_scale.float()
@@ -43,6 +43,6 @@ def int4_linear(
     k = x.shape[-1]
     if act_scale is not None:
         x = x * act_scale
-    q = packing.codes(qweight, scales.shape[1] * group_size, packing_format)
+    q = packing.codes(qweight, scales.shape[1] * group_size, packing_format, scales.shape[1])
     w = quant.dequantize(q, scales, zeros, group_size, k, dtype=x.dtype)
     return F.linear(x, w, bias)

@@ -1,0 +1,384 @@
+// int4 weight x int8 activation linear for CPUs: AVX2 (optionally AVX-VNNI), NEON
+// (optionally dotprod) and portable C++, chosen at run time. Built on first use by
+// awqtensor/ops/cpu_kernel.py; no torch headers, so it compiles in about a second.
+//
+// Weight layout "cpu_blocks" (awqtensor/packing.py), per output row n, per group g:
+//     float scale, float scale * zero,                      8 bytes
+//     nb = ceil(group_size / 32) blocks of 16 bytes:       byte i of a block holds
+//         column i in its low nibble and column i + 16 in its high nibble.
+// so row n is G * (8 + 16 nb) bytes, one sequential stream of headers and codes.
+//
+// Activations are quantized per row and per block of 32 columns to int8 (absmax / 127,
+// llama.cpp's Q8_0 idea), after multiplying by act_scale. With codes q (0..15):
+//     y[m, n] = sum_g scale_g * sum_b dx_b * <q_b, xq_b>  -  sum_g (scale * zero)_g * xsum_g
+//     xsum_g  = sum_b dx_b * sum(xq_b)     (the quantized x, so the zero point cancels exactly)
+// <q_b, xq_b> is an exact int32 dot product (u8 x s8: maddubs/vpdpbusd or sdot).
+//
+// Every output element is computed by the same instruction sequence whatever M, N or
+// the thread count: results are batch invariant, bit for bit.
+
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+
+#if defined(__x86_64__) || defined(_M_X64)
+#define AWQ_X86 1
+#include <immintrin.h>
+#endif
+#if defined(__aarch64__)
+#define AWQ_ARM 1
+#include <arm_neon.h>
+#if defined(__linux__)
+#include <sys/auxv.h>
+#ifndef HWCAP_ASIMDDP
+#define HWCAP_ASIMDDP (1 << 20)
+#endif
+#endif
+#endif
+
+enum Isa { SCALAR = 0, AVX2 = 1, AVX2_VNNI = 2, NEON = 3, NEON_DOTPROD = 4 };
+enum Dtype { F32 = 0, BF16 = 1, F16 = 2 };
+static const int kRows = 4;  // output rows per tile: they share each activation load
+
+// ---- dtype conversion (activations, act_scale, bias and output share one dtype) ----
+
+static inline float bf16_to_f32(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    std::memcpy(&f, &u, 4);
+    return f;
+}
+
+static inline uint16_t f32_to_bf16(float f) {  // round to nearest even, NaN stays NaN
+    uint32_t u;
+    std::memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (uint16_t)(u >> 16);
+}
+
+// IEEE half precision in software (only M x K and M x N elements pass through here):
+// no compiler's _Float16 support needed.
+static inline float f16_to_f32(uint16_t h) {
+    const uint32_t sign = (uint32_t)(h & 0x8000u) << 16, exp = (h >> 10) & 0x1fu, man = h & 0x3ffu;
+    uint32_t u;
+    if (exp == 0x1f) u = sign | 0x7f800000u | (man << 13);            // inf, NaN
+    else if (exp) u = sign | ((exp + 112u) << 23) | (man << 13);      // normal
+    else if (!man) u = sign;                                          // zero
+    else {                                                            // subnormal: exact in fp32
+        float f = (float)man * 5.9604644775390625e-8f;                // man * 2^-24
+        return sign ? -f : f;
+    }
+    float f;
+    std::memcpy(&f, &u, 4);
+    return f;
+}
+
+static inline uint16_t f32_to_f16(float f) {  // round to nearest even
+    uint32_t u;
+    std::memcpy(&u, &f, 4);
+    const uint16_t sign = (uint16_t)((u >> 16) & 0x8000u);
+    const uint32_t a = u & 0x7fffffffu;
+    if (a > 0x7f800000u) return sign | 0x7e00u;                       // NaN
+    if (a >= 0x477ff000u) return sign | 0x7c00u;                      // rounds to inf
+    if (a < 0x38800000u) {                                            // subnormal or zero
+        const float v = std::fabs(f) * 16777216.0f;                   // units of 2^-24
+        return sign | (uint16_t)std::nearbyint(v);
+    }
+    uint32_t r = a - 0x38000000u;                                     // rebias exponent 127 -> 15
+    r += 0xfffu + ((r >> 13) & 1u);
+    return sign | (uint16_t)(r >> 13);
+}
+
+static inline float load_elem(const void* p, int64_t i, int dtype) {
+    if (dtype == F32) return ((const float*)p)[i];
+    if (dtype == BF16) return bf16_to_f32(((const uint16_t*)p)[i]);
+    return f16_to_f32(((const uint16_t*)p)[i]);
+}
+
+static inline void store_elem(void* p, int64_t i, int dtype, float v) {
+    if (dtype == F32) ((float*)p)[i] = v;
+    else if (dtype == BF16) ((uint16_t*)p)[i] = f32_to_bf16(v);
+    else ((uint16_t*)p)[i] = f32_to_f16(v);
+}
+
+// ---- activation quantization: x [K] -> xq [G * nb * 32], dx [G * nb], xsum [G] ----
+
+static void quantize_row(const void* x, int dtype, const void* act_scale, int64_t K, int64_t G,
+                         int64_t group_size, int64_t nb, int8_t* xq, float* dx, float* xsum) {
+    float v[32];
+    for (int64_t g = 0; g < G; ++g) {
+        float sum = 0.0f;
+        for (int64_t b = 0; b < nb; ++b) {
+            const int64_t start = g * group_size + b * 32;
+            const int64_t end_group = g * group_size + group_size;
+            const int64_t end = end_group < K ? end_group : K;
+            float amax = 0.0f;
+            for (int i = 0; i < 32; ++i) {
+                const int64_t c = start + i;
+                float f = 0.0f;
+                if (c < end && b * 32 + i < group_size) {
+                    f = load_elem(x, c, dtype);
+                    if (act_scale) f *= load_elem(act_scale, c, dtype);
+                }
+                v[i] = f;
+                amax = std::fmax(amax, std::fabs(f));
+            }
+            const float d = amax / 127.0f;
+            const float inv = d > 0.0f ? 1.0f / d : 0.0f;
+            int8_t* out = xq + (g * nb + b) * 32;
+            int isum = 0;
+            for (int i = 0; i < 32; ++i) {
+                const int q = (int)std::nearbyint(v[i] * inv);
+                out[i] = (int8_t)q;
+                isum += q;
+            }
+            dx[g * nb + b] = d;
+            sum += d * (float)isum;
+        }
+        xsum[g] = sum;
+    }
+}
+
+// ---- dot products: R rows of one tile against one quantized activation row ----
+// w[r] points at row r's bytes; the result is sum_g scale * sum_b dx_b <q, xq>, and
+// corr[r] collects sum_g (scale * zero) * xsum_g.
+
+template <int R>
+static void rows_scalar(const uint8_t* const* w, int64_t G, int64_t nb, const int8_t* xq,
+                        const float* dx, const float* xsum, float* out) {
+    const int64_t group_bytes = 8 + 16 * nb;
+    for (int r = 0; r < R; ++r) {
+        float acc = 0.0f, corr = 0.0f;
+        for (int64_t g = 0; g < G; ++g) {
+            const uint8_t* grp = w[r] + g * group_bytes;
+            float gacc = 0.0f;
+            for (int64_t b = 0; b < nb; ++b) {
+                const uint8_t* codes = grp + 8 + 16 * b;
+                const int8_t* xb = xq + (g * nb + b) * 32;
+                int32_t dot = 0;
+                for (int i = 0; i < 16; ++i)
+                    dot += (codes[i] & 15) * xb[i] + (codes[i] >> 4) * xb[i + 16];
+                gacc += dx[g * nb + b] * (float)dot;
+            }
+            float scale, scaled_zero;
+            std::memcpy(&scale, grp, 4);
+            std::memcpy(&scaled_zero, grp + 4, 4);
+            acc += scale * gacc;
+            corr += scaled_zero * xsum[g];
+        }
+        out[r] = acc - corr;
+    }
+}
+
+#if AWQ_X86
+#define AWQ_AVX2 __attribute__((target("avx2,fma")))
+#define AWQ_AVX2_VNNI __attribute__((target("avx2,fma,avxvnni")))
+
+// u8 codes x s8 activations, summed per 4 bytes into int32 lanes; "vnni" fuses the
+// maddubs/madd pair (and cannot saturate). Both are exact for |q x| <= 15 * 127.
+AWQ_AVX2 static inline __m256i dot_pair_avx2(__m256i lo, __m256i x1, __m256i hi, __m256i x2) {
+    const __m256i s16 = _mm256_add_epi16(_mm256_maddubs_epi16(lo, x1), _mm256_maddubs_epi16(hi, x2));
+    return _mm256_madd_epi16(s16, _mm256_set1_epi16(1));
+}
+AWQ_AVX2_VNNI static inline __m256i dot_pair_vnni(__m256i lo, __m256i x1, __m256i hi, __m256i x2) {
+    return _mm256_dpbusd_avx_epi32(_mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), lo, x1), hi, x2);
+}
+
+#define AWQ_ROWS_X86(NAME, TARGET, DOT)                                                          \
+    template <int R>                                                                             \
+    TARGET static void NAME(const uint8_t* const* w, int64_t G, int64_t nb, const int8_t* xq,    \
+                            const float* dx, const float* xsum, float* out) {                   \
+        const int64_t group_bytes = 8 + 16 * nb;                                                 \
+        const __m256i mask = _mm256_set1_epi8(0x0f);                                             \
+        __m256 acc[R];                                                                           \
+        float corr[R];                                                                           \
+        for (int r = 0; r < R; ++r) { acc[r] = _mm256_setzero_ps(); corr[r] = 0.0f; }            \
+        for (int64_t g = 0; g < G; ++g) {                                                        \
+            const int8_t* xg = xq + g * nb * 32;                                                 \
+            const float* dg = dx + g * nb;                                                       \
+            __m256 gacc[R];                                                                      \
+            for (int r = 0; r < R; ++r) gacc[r] = _mm256_setzero_ps();                           \
+            int64_t b = 0;                                                                       \
+            for (; b + 2 <= nb; b += 2) { /* two blocks: one 32-byte load of codes per row */    \
+                const __m256i xa = _mm256_loadu_si256((const __m256i*)(xg + b * 32));            \
+                const __m256i xb = _mm256_loadu_si256((const __m256i*)(xg + b * 32 + 32));       \
+                const __m256i x1 = _mm256_permute2x128_si256(xa, xb, 0x20); /* low nibbles */    \
+                const __m256i x2 = _mm256_permute2x128_si256(xa, xb, 0x31); /* high nibbles */   \
+                const __m256 d = _mm256_set_m128(_mm_set1_ps(dg[b + 1]), _mm_set1_ps(dg[b]));    \
+                for (int r = 0; r < R; ++r) {                                                    \
+                    const __m256i v = _mm256_loadu_si256(                                        \
+                        (const __m256i*)(w[r] + g * group_bytes + 8 + 16 * b));                  \
+                    const __m256i lo = _mm256_and_si256(v, mask);                                \
+                    const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);          \
+                    gacc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(DOT(lo, x1, hi, x2)), d, gacc[r]); \
+                }                                                                                \
+            }                                                                                    \
+            if (b < nb) { /* an odd block: its 16 bytes widened to 32 codes in column order */   \
+                const __m256i xa = _mm256_loadu_si256((const __m256i*)(xg + b * 32));            \
+                const __m256 d = _mm256_set1_ps(dg[b]);                                          \
+                for (int r = 0; r < R; ++r) {                                                    \
+                    const __m128i v = _mm_loadu_si128((const __m128i*)(w[r] + g * group_bytes + 8 + 16 * b)); \
+                    const __m256i q = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(v, 4), v), mask); \
+                    const __m256i zero = _mm256_setzero_si256();                                 \
+                    gacc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(DOT(q, xa, zero, zero)), d, gacc[r]); \
+                }                                                                                \
+            }                                                                                    \
+            for (int r = 0; r < R; ++r) {                                                        \
+                float scale, scaled_zero;                                                        \
+                std::memcpy(&scale, w[r] + g * group_bytes, 4);                                  \
+                std::memcpy(&scaled_zero, w[r] + g * group_bytes + 4, 4);                        \
+                acc[r] = _mm256_fmadd_ps(gacc[r], _mm256_set1_ps(scale), acc[r]);                \
+                corr[r] += scaled_zero * xsum[g];                                                \
+            }                                                                                    \
+        }                                                                                        \
+        for (int r = 0; r < R; ++r) {                                                            \
+            __m128 s = _mm_add_ps(_mm256_castps256_ps128(acc[r]), _mm256_extractf128_ps(acc[r], 1)); \
+            s = _mm_add_ps(s, _mm_movehl_ps(s, s));                                              \
+            s = _mm_add_ss(s, _mm_movehdup_ps(s));                                               \
+            out[r] = _mm_cvtss_f32(s) - corr[r];                                                 \
+        }                                                                                        \
+    }
+
+AWQ_ROWS_X86(rows_avx2, AWQ_AVX2, dot_pair_avx2)
+AWQ_ROWS_X86(rows_vnni, AWQ_AVX2_VNNI, dot_pair_vnni)
+#endif  // AWQ_X86
+
+#if AWQ_ARM
+// <16 codes, 16 activations> into 4 int32 lanes; both paths are exact.
+static inline int32x4_t dot16_neon(int32x4_t acc, uint8x16_t q, int8x16_t x) {
+    const int8x16_t qs = vreinterpretq_s8_u8(q);
+    int16x8_t p = vmull_s8(vget_low_s8(qs), vget_low_s8(x));
+    p = vmlal_s8(p, vget_high_s8(qs), vget_high_s8(x));
+    return vpadalq_s16(acc, p);
+}
+__attribute__((target("arch=armv8.2-a+dotprod"))) static inline int32x4_t dot16_dotprod(int32x4_t acc, uint8x16_t q, int8x16_t x) {
+    return vdotq_s32(acc, vreinterpretq_s8_u8(q), x);
+}
+
+#define AWQ_ROWS_ARM(NAME, TARGET, DOT)                                                          \
+    template <int R>                                                                             \
+    TARGET static void NAME(const uint8_t* const* w, int64_t G, int64_t nb, const int8_t* xq,    \
+                            const float* dx, const float* xsum, float* out) {                   \
+        const int64_t group_bytes = 8 + 16 * nb;                                                 \
+        const uint8x16_t mask = vdupq_n_u8(0x0f);                                                \
+        float32x4_t acc[R];                                                                      \
+        float corr[R];                                                                           \
+        for (int r = 0; r < R; ++r) { acc[r] = vdupq_n_f32(0.0f); corr[r] = 0.0f; }              \
+        for (int64_t g = 0; g < G; ++g) {                                                        \
+            float32x4_t gacc[R];                                                                 \
+            for (int r = 0; r < R; ++r) gacc[r] = vdupq_n_f32(0.0f);                             \
+            for (int64_t b = 0; b < nb; ++b) {                                                   \
+                const int8_t* xb = xq + (g * nb + b) * 32;                                       \
+                const int8x16_t x1 = vld1q_s8(xb), x2 = vld1q_s8(xb + 16);                       \
+                for (int r = 0; r < R; ++r) {                                                    \
+                    const uint8x16_t v = vld1q_u8(w[r] + g * group_bytes + 8 + 16 * b);          \
+                    int32x4_t s = DOT(vdupq_n_s32(0), vandq_u8(v, mask), x1);                    \
+                    s = DOT(s, vshrq_n_u8(v, 4), x2);                                            \
+                    gacc[r] = vfmaq_n_f32(gacc[r], vcvtq_f32_s32(s), dx[g * nb + b]);            \
+                }                                                                                \
+            }                                                                                    \
+            for (int r = 0; r < R; ++r) {                                                        \
+                float scale, scaled_zero;                                                        \
+                std::memcpy(&scale, w[r] + g * group_bytes, 4);                                  \
+                std::memcpy(&scaled_zero, w[r] + g * group_bytes + 4, 4);                        \
+                acc[r] = vfmaq_n_f32(acc[r], gacc[r], scale);                                    \
+                corr[r] += scaled_zero * xsum[g];                                                \
+            }                                                                                    \
+        }                                                                                        \
+        for (int r = 0; r < R; ++r) out[r] = vaddvq_f32(acc[r]) - corr[r];                       \
+    }
+
+AWQ_ROWS_ARM(rows_neon, , dot16_neon)
+AWQ_ROWS_ARM(rows_dotprod, __attribute__((target("arch=armv8.2-a+dotprod"))), dot16_dotprod)
+#endif  // AWQ_ARM
+
+typedef void (*RowsFn)(const uint8_t* const*, int64_t, int64_t, const int8_t*, const float*,
+                       const float*, float*);
+
+static bool pick(int isa, RowsFn* tile, RowsFn* one) {
+    switch (isa) {
+        case SCALAR: *tile = rows_scalar<kRows>; *one = rows_scalar<1>; return true;
+#if AWQ_X86
+        case AVX2: *tile = rows_avx2<kRows>; *one = rows_avx2<1>; return true;
+        case AVX2_VNNI: *tile = rows_vnni<kRows>; *one = rows_vnni<1>; return true;
+#endif
+#if AWQ_ARM
+        case NEON: *tile = rows_neon<kRows>; *one = rows_neon<1>; return true;
+        case NEON_DOTPROD: *tile = rows_dotprod<kRows>; *one = rows_dotprod<1>; return true;
+#endif
+        default: return false;
+    }
+}
+
+extern "C" {
+
+// 1 if this CPU can run `isa` (and this build has it), else 0.
+int awq_cpu_isa_supported(int isa) {
+    switch (isa) {
+        case SCALAR: return 1;
+#if AWQ_X86
+        case AVX2: return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+        case AVX2_VNNI:
+            return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                   __builtin_cpu_supports("avxvnni");
+#endif
+#if AWQ_ARM
+        case NEON: return 1;
+#if defined(__linux__)
+        case NEON_DOTPROD: return (getauxval(AT_HWCAP) & HWCAP_ASIMDDP) ? 1 : 0;
+#endif
+#endif
+        default: return 0;
+    }
+}
+
+// y[M, N] = x[M, K] (times act_scale) @ W.T + bias, W in the "cpu_blocks" layout with G
+// groups of group_size columns. x, act_scale, bias and y share `dtype`; act_scale and
+// bias may be NULL. Returns 0, or -1 for an unknown isa/dtype, -2 when out of memory.
+int awq_cpu_linear(const void* x, int64_t M, int64_t K, int dtype, const uint8_t* w, int64_t N,
+                   int64_t G, int64_t group_size, const void* act_scale, const void* bias,
+                   void* y, int isa) {
+    RowsFn tile, one;
+    if (dtype < F32 || dtype > F16 || !pick(isa, &tile, &one) || !awq_cpu_isa_supported(isa)) return -1;
+    const int64_t nb = (group_size + 31) / 32;
+    const int64_t row_bytes = G * (8 + 16 * nb);
+    const int64_t x_stride = G * nb * 32;
+    int8_t* xq = (int8_t*)std::malloc((size_t)(M * x_stride) + 64);
+    float* dx = (float*)std::malloc(sizeof(float) * (size_t)(M * G * nb + M * G));
+    if (!xq || !dx) { std::free(xq); std::free(dx); return -2; }
+    float* xsum = dx + M * G * nb;
+
+#pragma omp parallel for schedule(static) if (M * K >= 65536)
+    for (int64_t m = 0; m < M; ++m)
+        quantize_row((const char*)x + m * K * (dtype == F32 ? 4 : 2), dtype, act_scale, K, G,
+                     group_size, nb, xq + m * x_stride, dx + m * G * nb, xsum + m * G);
+
+    const int64_t tiles = (N + kRows - 1) / kRows;
+#pragma omp parallel for schedule(static) if (M * N * K >= (1 << 18))
+    for (int64_t t = 0; t < tiles; ++t) {
+        const int64_t n0 = t * kRows;
+        const int rows = (int)(N - n0 < kRows ? N - n0 : kRows);
+        const uint8_t* rows_w[kRows];
+        for (int r = 0; r < kRows; ++r) rows_w[r] = w + (n0 + (r < rows ? r : 0)) * row_bytes;
+        float out[kRows];
+        for (int64_t m = 0; m < M; ++m) {
+            const int8_t* xm = xq + m * x_stride;
+            const float* dm = dx + m * G * nb;
+            const float* sm = xsum + m * G;
+            if (rows == kRows) tile(rows_w, G, nb, xm, dm, sm, out);
+            else for (int r = 0; r < rows; ++r) one(rows_w + r, G, nb, xm, dm, sm, out + r);
+            for (int r = 0; r < rows; ++r) {
+                float v = out[r];
+                if (bias) v += load_elem(bias, n0 + r, dtype);
+                store_elem(y, m * N + n0 + r, dtype, v);
+            }
+        }
+    }
+    std::free(xq);
+    std::free(dx);
+    return 0;
+}
+
+}  // extern "C"

@@ -1,0 +1,231 @@
+"""awqtensor's CPU kernel ("cpu_blocks"): every instruction-set path this machine (or
+qemu) runs, against a float64 model of its W4A8 arithmetic; the layout; the build and
+its fallback; batch invariance; the accuracy cost of int8 activations."""
+
+import os
+import shutil
+import subprocess
+import warnings
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import reference
+from awqtensor import Int4AWQTensor, packing
+from awqtensor.ops import cpu_kernel
+from conftest import DTYPES, TOLERANCE, max_rel_err
+
+pytestmark = pytest.mark.skipif(cpu_kernel.unavailable() is not None,
+                                reason=f"{cpu_kernel.unavailable()}")
+
+ISAS = cpu_kernel.supported_isas() if cpu_kernel.unavailable() is None else []
+# fp32: the kernel sums in fp32 (~1e-6); fp16/bf16: the output's rounding.
+KERNEL_TOLERANCE = {torch.float32: 1e-5, torch.float16: TOLERANCE[torch.float16], torch.bfloat16: TOLERANCE[torch.bfloat16]}
+
+CASES = [  # (N, K, group_size): tile remainders (N % 4), odd and even blocks per group,
+    (4, 64, 32), (7, 128, 64), (13, 576, 128), (40, 200, 64), (6, 100, -1), (9, 96, -1), (1, 130, 32),
+]  # padded K, per-channel groups that are not a multiple of 32 (100 -> 4 blocks, 96 -> 3)
+
+
+def weight(n, k, dtype, group_size, zero_point=True, act_scale=False, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    w = (torch.randn(n, k, generator=g) * 0.05 + 0.02 * torch.randn(n, 1, generator=g)).to(dtype)
+    s = (torch.rand(k, generator=g) + 0.5).to(dtype) if act_scale else None
+    t = Int4AWQTensor.from_float(w, group_size, zero_point, act_scale=s)
+    assert t.packing_format == packing.CPU_BLOCKS
+    return t
+
+
+def activations(m, k, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, k, generator=g)
+    x[:, ::17] *= 8  # outlier channels, as LLM activations have
+    return x.to(dtype)
+
+
+@pytest.fixture(params=ISAS)
+def isa(request, monkeypatch):
+    monkeypatch.setenv("AWQTENSOR_CPU_ISA", request.param)
+    return request.param
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n,k,group_size", CASES)
+def test_matches_float64_w4a8_model(isa, dtype, n, k, group_size):
+    for zero_point, act_scale in ((True, False), (False, True), (True, True)):
+        t = weight(n, k, dtype, group_size, zero_point, act_scale, seed=n * k)
+        bias = torch.randn(n, dtype=dtype)
+        for m in (1, 5):
+            x = activations(m, k, dtype, seed=m + n)
+            for b in (None, bias):
+                y = F.linear(x, t, b)
+                assert y.dtype == dtype and y.shape == (m, n)
+                assert max_rel_err(y, reference.q8_linear(x, t, b)) < KERNEL_TOLERANCE[dtype], (zero_point, act_scale)
+
+
+def test_instruction_sets_agree(monkeypatch):
+    t = weight(37, 320, torch.float32, 64, act_scale=True, seed=3)
+    x = activations(6, 320, torch.float32, seed=4)
+    outputs = {}
+    for name in ISAS:
+        monkeypatch.setenv("AWQTENSOR_CPU_ISA", name)
+        outputs[name] = F.linear(x, t)
+    assert "scalar" in outputs and len(outputs) >= 2 or len(ISAS) == 1
+    for name, y in outputs.items():
+        torch.testing.assert_close(y, outputs["scalar"], rtol=1e-5, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("outliers,bound", [(False, 1e-2), (True, 3e-2)])
+def test_int8_activations_cost(outliers, bound):
+    """The accuracy effect of the int8 activations, against the exact int4 x fp32 product:
+    relative Frobenius error about 0.6% on Gaussian activations, about 1% when every
+    32-column block holds an 8x outlier channel (the step is set by the largest value)."""
+    t = weight(256, 1024, torch.float32, 64, seed=5)
+    x = activations(8, 1024, torch.float32, seed=6) if outliers else torch.randn(8, 1024)
+    exact = reference.linear(x, t)
+    err = (F.linear(x, t).double() - exact).norm() / exact.norm()
+    assert 1e-4 < err < bound  # an approximation, and a close one
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rows_are_batch_invariant_bitwise(dtype):
+    t = weight(45, 256, dtype, 64, seed=7)
+    x = activations(33, 256, dtype, seed=8)
+    full = F.linear(x, t)
+    for i in (0, 5, 32):
+        assert torch.equal(F.linear(x[i : i + 1], t)[0], full[i])
+    assert torch.equal(F.linear(x.reshape(3, 11, 256), t).reshape(33, 45), full)
+
+
+def test_zero_and_empty_inputs():
+    t = weight(8, 64, torch.float32, 32, seed=9)
+    assert torch.equal(F.linear(torch.zeros(2, 64), t), torch.zeros(2, 8))
+    assert F.linear(torch.zeros(0, 64), t).shape == (0, 8)
+
+
+@pytest.mark.parametrize("n,k,group_size", CASES)
+def test_layout_round_trip_and_header(n, k, group_size):
+    t = weight(n, k, torch.bfloat16, group_size, seed=10)
+    plain = t.plain_qweight()
+    again = packing.repack(plain, t.k_padded, packing.PLAIN, packing.CPU_BLOCKS, t.scales, t.zeros)
+    assert torch.equal(again, t.qweight)
+    assert torch.equal(packing.repack(t.qweight, t.k_padded, packing.CPU_BLOCKS, packing.PLAIN, t.scales, t.zeros), plain)
+    gs, g = t.group_size, t.scales.shape[1]
+    header = t.qweight.reshape(n, g, -1)[:, :, :8].contiguous().view(torch.float32)
+    assert torch.equal(header[..., 0], t.scales.float())
+    assert torch.equal(header[..., 1], t.scales.float() * t.zeros.float())
+    codes = reference.unpack_bytes(plain, t.k_padded)
+    block = t.qweight.reshape(n, g, -1)[:, 0, 8:24].numpy().astype(np.int64)  # group 0, block 0
+    width = min(32, gs)
+    assert np.array_equal((block % 16)[:, : min(16, width)], codes[:, : min(16, width)])
+    if width > 16:
+        assert np.array_equal((block // 16)[:, : width - 16], codes[:, 16:width])
+
+
+def test_moves_between_layouts():
+    t = weight(24, 192, torch.float32, 64, seed=11)
+    x = activations(3, 192, torch.float32, seed=12)
+    bf16 = t.to(torch.bfloat16)
+    assert bf16.packing_format == packing.CPU_BLOCKS
+    assert torch.equal(bf16.plain_qweight(), t.plain_qweight())
+    assert max_rel_err(F.linear(x.bfloat16(), bf16), reference.q8_linear(x.bfloat16(), bf16)) < KERNEL_TOLERANCE[torch.bfloat16]
+    rows = t[8:16]
+    assert rows.packing_format == packing.CPU_BLOCKS
+    torch.testing.assert_close(F.linear(x, rows), F.linear(x, t)[:, 8:16], rtol=0, atol=0)
+
+
+def test_compile_fullgraph():
+    t = weight(32, 128, torch.float32, 64, seed=13)
+    linear = torch.nn.Linear(128, 32, bias=True)
+    linear.weight = torch.nn.Parameter(t, requires_grad=False)
+    x = activations(4, 128, torch.float32, seed=14)
+    compiled = torch.compile(linear, fullgraph=True, backend="inductor")
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), linear(x), rtol=1e-6, atol=1e-6)
+
+
+def test_build_is_cached(tmp_path, monkeypatch):
+    monkeypatch.setenv("AWQTENSOR_CACHE", str(tmp_path))
+    compiler = cpu_kernel._compiler()
+    first = cpu_kernel._build(compiler)
+    stamp = first.stat().st_mtime_ns
+    assert cpu_kernel._build(compiler) == first and first.stat().st_mtime_ns == stamp
+    assert first.is_relative_to(tmp_path)
+
+
+@pytest.mark.parametrize("broken", ["missing", "failing"])
+def test_no_compiler_falls_back_with_one_warning(broken, tmp_path, monkeypatch):
+    monkeypatch.setenv("AWQTENSOR_CACHE", str(tmp_path))
+    if broken == "missing":
+        monkeypatch.setattr(cpu_kernel, "_compiler", lambda: None)
+    else:
+        monkeypatch.setattr(cpu_kernel, "_compiler", lambda: shutil.which("false"))
+    cpu_kernel._load.cache_clear()
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            a = Int4AWQTensor.from_float(torch.randn(16, 64), 32)
+            b = Int4AWQTensor.from_float(torch.randn(16, 64), 32)
+        ours = [w for w in caught if "CPU kernel could not be built" in str(w.message)]
+        assert len(ours) == 1, [str(w.message) for w in caught]
+        assert a.packing_format == b.packing_format == packing.CPU_INT4PACK
+        x = torch.randn(2, 64)
+        assert max_rel_err(F.linear(x, a), reference.linear(x, a)) < TOLERANCE[torch.float32]
+    finally:
+        monkeypatch.undo()
+        cpu_kernel._load.cache_clear()
+    assert cpu_kernel.unavailable() is None
+
+
+def test_disable_and_bad_isa(monkeypatch):
+    monkeypatch.setenv("AWQTENSOR_DISABLE", "cpu_blocks")
+    assert Int4AWQTensor.from_float(torch.randn(16, 64), 32).packing_format != packing.CPU_BLOCKS
+    monkeypatch.delenv("AWQTENSOR_DISABLE")
+    monkeypatch.setenv("AWQTENSOR_CPU_ISA", "sse9")
+    with pytest.raises(ValueError, match="AWQTENSOR_CPU_ISA=sse9"):
+        cpu_kernel.isa()
+
+
+# ---- ARM64 (NEON, dotprod) under qemu: the same source, cross-compiled ----
+
+CROSS = shutil.which("aarch64-linux-gnu-g++")
+QEMU = shutil.which("qemu-aarch64-static") or shutil.which("qemu-aarch64")
+DRIVER = os.path.join(os.path.dirname(__file__), "cpu_kernel_driver.cpp")
+
+
+@pytest.fixture(scope="module")
+def arm64_driver(tmp_path_factory):
+    if not (CROSS and QEMU):
+        pytest.skip("needs aarch64-linux-gnu-g++ and qemu-aarch64 (.ci/run installs them)")
+    exe = tmp_path_factory.mktemp("arm64") / "driver"
+    subprocess.run([CROSS, "-O2", "-static", "-std=c++17", "-I", str(cpu_kernel.SOURCE.parent), DRIVER,
+                    "-o", str(exe)], check=True, capture_output=True)
+    return exe
+
+
+def run_arm64(driver, isa, x, t, bias):
+    """y from the aarch64 build of the kernel, run under qemu."""
+    m, k = x.shape
+    n, g = t.scales.shape
+    header = np.array([m, k, n, g, t.group_size, cpu_kernel.DTYPES[x.dtype], cpu_kernel.ISAS[isa],
+                       t.act_scale is not None, bias is not None], dtype=np.int64)
+    as_bytes = lambda u: u.contiguous().view(torch.uint8).numpy().tobytes()
+    payload = header.tobytes() + as_bytes(x) + as_bytes(t.qweight)
+    payload += as_bytes(t.act_scale) if t.act_scale is not None else b""
+    payload += as_bytes(bias) if bias is not None else b""
+    run = subprocess.run([QEMU, str(driver)], input=payload, capture_output=True, check=True)
+    out = torch.frombuffer(bytearray(run.stdout), dtype=torch.uint8)
+    return out.view(x.dtype).reshape(m, n)
+
+
+@pytest.mark.parametrize("arm_isa", ["neon", "neon_dotprod", "scalar"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_arm64_under_qemu(arm64_driver, arm_isa, dtype):
+    for (n, k, group_size), act_scale in zip(CASES, (False, True) * 4):
+        t = weight(n, k, dtype, group_size, act_scale=act_scale, seed=n + k)
+        x = activations(5, k, dtype, seed=n)
+        bias = torch.randn(n, dtype=dtype) if act_scale else None
+        y = run_arm64(arm64_driver, arm_isa, x, t, bias)
+        assert max_rel_err(y, reference.q8_linear(x, t, bias)) < KERNEL_TOLERANCE[dtype], (n, k, group_size)
