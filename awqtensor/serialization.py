@@ -126,7 +126,9 @@ def load_quantized(path, dtype: torch.dtype | None = None, device="cpu"):
     tensors, _ = checkpoint.read_tensors(path)
     metadata = {"format": "awqtensor", "version": str(qc.get("format_version", -1)),
                 "awqtensor": json.dumps(qc.get("weights", {}))}
-    state = {name: (v.to(dtype) if v.is_floating_point() else v)
+    # Int4AWQTensors repack explicitly: .to() of an unchanged dtype would keep the canonical layout.
+    state = {name: (v._repacked_for("cpu", dtype) if isinstance(v, Int4AWQTensor)
+                    else v.to(dtype) if v.is_floating_point() else v)
              for name, v in unflatten_state_dict(tensors, metadata).items()}
     model = checkpoint.build_model(config, dtype, state, desc=str(path))
     return model.to(device) if torch.device(device).type != "cpu" else model

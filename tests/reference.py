@@ -62,6 +62,12 @@ def linear(x: torch.Tensor, t, bias: torch.Tensor | None = None) -> torch.Tensor
     return y if bias is None else y + bias.double()
 
 
+def linear_as_computed(x: torch.Tensor, t, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """The float64 model of what ``F.linear(x, t, bias)`` computes in ``t``'s layout: the
+    CPU kernel's W4A8 product for "cpu_blocks", the exact product otherwise."""
+    return (q8_linear if t.packing_format == "cpu_blocks" else linear)(x, t, bias)
+
+
 def q8_linear(x: torch.Tensor, t, bias: torch.Tensor | None = None) -> torch.Tensor:
     """float64 model of the CPU kernel's W4A8 product: each row of ``x * act_scale`` is
     quantized per 32-column block of each group (the block ends at the group's or K's

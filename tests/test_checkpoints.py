@@ -127,7 +127,7 @@ def _hub_style_checkpoint(path, group_size=32, seed=0):
     return tensors
 
 
-def test_load_then_save_autoawq_is_bit_exact_and_matches_the_dequantized_float_model(tmp_path):
+def test_load_then_save_autoawq_is_bit_exact_and_matches_the_dequantized_float_model(tmp_path, monkeypatch):
     original = _hub_style_checkpoint(tmp_path / "hub")
     model = load_autoawq(tmp_path / "hub")
     assert model.dtype == torch.float16
@@ -141,7 +141,9 @@ def test_load_then_save_autoawq_is_bit_exact_and_matches_the_dequantized_float_m
     for name, t in original.items():
         assert again[name].dtype == t.dtype and torch.equal(again[name], t), name
 
-    # The loaded model computes what a float model holding the dequantized weights computes.
+    # The loaded model computes what a float model holding the dequantized weights computes
+    # (with exact matmuls: the CPU kernel's int8 activations are tested in test_cpu_kernel).
+    monkeypatch.setenv("AWQTENSOR_DISABLE", "cpu_blocks")
     loaded32 = load_autoawq(tmp_path / "hub", dtype=torch.float32)
     dense = tiny_llama(0)
     state = {n: t.float() for n, t in original.items() if not n.endswith(("qweight", "qzeros", "scales"))}
@@ -155,7 +157,8 @@ def test_load_then_save_autoawq_is_bit_exact_and_matches_the_dequantized_float_m
     assert max_rel_err(actual, expected) < 1e-4
 
 
-def test_autoawq_round_trip_of_our_own_quantization(tmp_path):
+def test_autoawq_round_trip_of_our_own_quantization(tmp_path, monkeypatch):
+    monkeypatch.setenv("AWQTENSOR_DISABLE", "cpu_blocks")  # exact matmuls: fp16 scales are the only difference
     model = _quantized_llama()
     save_autoawq(model, tmp_path, dtype=torch.float32)
     loaded = load_autoawq(tmp_path)

@@ -54,7 +54,7 @@ def test_fp32_codes_match_autoawq_formula(shape, group_size, zero_point, seed):
     t = Int4AWQTensor.from_float(w, group_size, zero_point)
     gs = k if group_size == -1 else group_size
     codes, scales, zeros = reference.autoawq_quantize(w.double().numpy(), gs, zero_point)
-    plain = packing.repack(t.qweight, t.k_padded, t.packing_format, packing.PLAIN)
+    plain = t.plain_qweight()
     ours = reference.unpack_bytes(plain, k)
     np.testing.assert_allclose(t.scales.double().numpy(), scales, rtol=1e-6)
     if zero_point:
@@ -97,7 +97,7 @@ def test_symmetric_codes_use_zero_eight():
     w = random_weight(16, 64, torch.float32, seed=3)
     t = Int4AWQTensor.from_float(w, 32, zero_point=False)
     assert t.zeros is None
-    codes = reference.unpack_bytes(packing.repack(t.qweight, 64, t.packing_format, packing.PLAIN), 64)
+    codes = reference.unpack_bytes(t.plain_qweight(), 64)
     assert codes.min() >= 0 and codes.max() <= 15
     # the largest |w| of each group maps to -7 or +7 around 8
     assert set(np.unique(np.abs(codes - 8).max(axis=1))) == {7}

@@ -51,12 +51,17 @@ def cast_floats(obj, dtype: torch.dtype):
     return map_tensors(obj, lambda t: t.to(dtype) if t.is_floating_point() else t)
 
 
-CACHE_KWARGS = ("past_key_values", "past_key_value", "layer_past")
+CACHE_KWARGS = ("past_key_values", "past_key_value", "layer_past", "cache")  # transformers 5.24 says "cache"
+
+
+def _is_cache(value) -> bool:
+    """A transformers KV cache, whatever the keyword that carries it."""
+    return any(cls.__name__ == "Cache" for cls in type(value).__mro__)
 
 
 def without_cache(kwargs: dict) -> dict:
     """The kwargs with KV caches turned off, so probe forwards leave the user's cache alone."""
-    kwargs = {k: (None if k in CACHE_KWARGS else v) for k, v in kwargs.items()}
+    kwargs = {k: (None if k in CACHE_KWARGS or _is_cache(v) else v) for k, v in kwargs.items()}
     if "use_cache" in kwargs:
         kwargs["use_cache"] = False
     return kwargs
