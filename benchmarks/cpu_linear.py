@@ -1,15 +1,27 @@
-"""Int4 linear vs the dense linear on the CPU, same run, same shapes.
+"""Int4 linear on the CPU against the dense matmul, same run, same shapes.
 
-    python benchmarks/cpu_linear.py            # table on stdout, CSV in benchmarks/results/
+    python benchmarks/cpu_linear.py              # table on stdout, CSV in benchmarks/results/
+    python benchmarks/cpu_linear.py --quick      # 4096x4096 and gate/up only, M = 1 and 128
 
-Shapes: 4096x4096 and SmolLM2-135M's (q/o 576x576, k/v 192x576, gate/up 1536x576,
-down 576x1536); M = 1, 16, 128; fp32 and bf16 activations; group size 64.
+Shapes: 4096x4096 and SmolLM2-135M's (q/o 576x576, k/v 192x576, gate/up 1536x576, down
+576x1536); M = 1, 4, 16, 64, 128, 512; group size 64. Implementations, all called as
+``F.linear(x, weight)``:
+
+* ``dense fp32``, ``dense bf16``: torch's matmul on the float weight;
+* ``torch int4 bf16``: torch's int4 CPU kernel (``aten._weight_int4pack_mm_for_cpu``,
+  the ``cpu_int4pack`` layout) with bf16 activations, its fast case;
+* ``awqtensor fp32``, ``awqtensor bf16``: awqtensor's kernel (``cpu_blocks``) on fp32 and
+  bf16 activations (int8 activations inside, see awqtensor/ops/cpu_kernel.py).
+
+Each is timed twice: ``hot``, the same weight every call (a small one then sits in the
+CPU's caches, which flatters the dense matmul), and ``cold``, cycling through copies that
+together exceed the last-level cache, as the layers of a model do. Speedups are against
+``dense fp32`` in the same cache state.
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
 import platform
 import statistics
 import time
@@ -18,13 +30,17 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from awqtensor import Int4AWQTensor
+from awqtensor import Int4AWQTensor, packing
+from awqtensor.ops import cpu_kernel
+from common import provenance, write_csv
 
 SHAPES = {"4096x4096": (4096, 4096), "smol q/o": (576, 576), "smol k/v": (192, 576),
           "smol gate/up": (1536, 576), "smol down": (576, 1536)}
+MS = (1, 4, 16, 64, 128, 512)
+COLD_BYTES = 96 << 20  # more than the last-level cache of the machines we run on
 
 
-def median_ms(fn, min_time=0.3) -> float:
+def median_ms(fn, min_time: float) -> float:
     fn()
     times, start = [], time.perf_counter()
     while time.perf_counter() - start < min_time or len(times) < 3:
@@ -34,40 +50,76 @@ def median_ms(fn, min_time=0.3) -> float:
     return statistics.median(times) * 1e3
 
 
+def nbytes(w: torch.Tensor) -> int:
+    if isinstance(w, Int4AWQTensor):
+        return sum(t.numel() * t.element_size() for t in (w.qweight, w.scales, w.zeros) if t is not None)
+    return w.numel() * w.element_size()
+
+
+def weights(n: int, k: int, group_size: int) -> dict[str, tuple[torch.Tensor, torch.dtype]]:
+    """Implementation name -> (weight, activation dtype)."""
+    w = torch.randn(n, k) * 0.02
+    ours = Int4AWQTensor.from_float(w, group_size)
+    assert ours.packing_format == packing.CPU_BLOCKS, ours
+    plain = ours.plain_qweight()
+    torch_int4 = Int4AWQTensor(plain, ours.scales.bfloat16(), group_size, ours.shape, packing.PLAIN, ours.zeros)
+    torch_int4 = torch_int4._replace(
+        qweight=packing.repack(plain, ours.k_padded, packing.PLAIN, packing.CPU_INT4PACK),
+        packing_format=packing.CPU_INT4PACK)
+    return {"dense fp32": (w, torch.float32), "dense bf16": (w.bfloat16(), torch.bfloat16),
+            "torch int4 bf16": (torch_int4, torch.bfloat16), "awqtensor fp32": (ours, torch.float32),
+            "awqtensor bf16": (ours.to(torch.bfloat16), torch.bfloat16)}
+
+
+def time_impl(weight, x, cold: bool, min_time: float) -> float:
+    if not cold:
+        return median_ms(lambda: F.linear(x, weight), min_time)
+    copies = [weight] + [weight.clone() for _ in range(max(1, COLD_BYTES // nbytes(weight)) - 1)]
+    state = {"i": 0}
+
+    def step():
+        state["i"] = (state["i"] + 1) % len(copies)
+        F.linear(x, copies[state["i"]])
+
+    return median_ms(step, min_time)
+
+
 def main():
-    parser = argparse.ArgumentParser()
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--group-size", type=int, default=64)
+    parser.add_argument("--min-time", type=float, default=0.3, help="seconds per measurement")
+    parser.add_argument("--quick", action="store_true", help="two shapes, M = 1 and 128")
     parser.add_argument("--csv", default="benchmarks/results/cpu_linear.csv")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    shapes = {k: SHAPES[k] for k in ("4096x4096", "smol gate/up")} if args.quick else SHAPES
+    ms = (1, 128) if args.quick else MS
+    device = (f"cpu {platform.processor() or platform.machine()} ({torch.backends.cpu.get_cpu_capability()}, "
+              f"kernel isa {cpu_kernel.isa()}) x{args.threads}")
+    print(f"{device}, torch {torch.__version__}, group size {args.group_size}")
+    header = f"{'shape':<14} {'cache':<5} {'M':>4} " + " ".join(f"{name:>16}" for name in
+                                                               weights(16, 64, 32)) + "   ms, then speedup vs dense fp32"
+    print(header)
     rows = []
-    print(f"CPU {platform.processor() or platform.machine()} ({torch.backends.cpu.get_cpu_capability()}), "
-          f"{args.threads} threads, torch {torch.__version__}, group size {args.group_size}")
-    print(f"{'shape':<14} {'dtype':<9} {'M':>4} {'dense ms':>9} {'int4 ms':>9} {'int4 GB/s':>9} {'speedup':>8}")
-    for dtype in (torch.float32, torch.bfloat16):
-        for name, (n, k) in SHAPES.items():
-            w = torch.randn(n, k, dtype=dtype) * 0.02
-            q = Int4AWQTensor.from_float(w, args.group_size)
-            qbytes = sum(t.numel() * t.element_size() for t in (q.qweight, q.scales, q.zeros))
-            for m in (1, 16, 128):
-                x = torch.randn(m, k, dtype=dtype)
-                dense = median_ms(lambda: F.linear(x, w))
-                int4 = median_ms(lambda: F.linear(x, q))
-                row = {"shape": name, "N": n, "K": k, "dtype": str(dtype).split(".")[-1], "M": m,
-                       "dense_ms": round(dense, 4), "int4_ms": round(int4, 4),
-                       "int4_GBps": round(qbytes / int4 / 1e6, 2), "speedup": round(dense / int4, 3),
-                       "packing": q.packing_format, "device": f"cpu {torch.backends.cpu.get_cpu_capability()} x{args.threads}",
-                       "torch": torch.__version__}
-                rows.append(row)
-                print(f"{name:<14} {row['dtype']:<9} {m:>4} {dense:>9.3f} {int4:>9.3f} {row['int4_GBps']:>9.2f} {row['speedup']:>7.2f}x")
-    Path(args.csv).parent.mkdir(parents=True, exist_ok=True)
-    with open(args.csv, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    print(f"wrote {args.csv}")
+    with torch.no_grad():
+        for name, (n, k) in shapes.items():
+            impls = weights(n, k, args.group_size)
+            for cold in (False, True):
+                for m in ms:
+                    x = torch.randn(m, k)
+                    times = {impl: time_impl(w, x.to(dtype), cold, args.min_time) for impl, (w, dtype) in impls.items()}
+                    base = times["dense fp32"]
+                    for impl, ms_ in times.items():
+                        w = impls[impl][0]
+                        rows.append({"shape": name, "N": n, "K": k, "M": m, "cache": "cold" if cold else "hot",
+                                     "impl": impl, "ms": round(ms_, 4), "weight_GBps": round(nbytes(w) / ms_ / 1e6, 2),
+                                     "GFLOPs": round(2 * m * n * k / ms_ / 1e6, 2), "speedup": round(base / ms_, 3),
+                                     "group_size": args.group_size, "device": device, **provenance()})
+                    print(f"{name:<14} {'cold' if cold else 'hot':<5} {m:>4} "
+                          + " ".join(f"{t:>8.3f} {base / t:>6.2f}x" for t in times.values()), flush=True)
+    print(f"wrote {write_csv(Path(args.csv), rows)}")
 
 
 if __name__ == "__main__":

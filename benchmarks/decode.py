@@ -6,7 +6,7 @@
 
 Batch 1, greedy, a static KV cache; tokens/s is measured between the first new token and
 the last (``(n - 1) / (t(n) - t(1))``), so the prompt's prefill is left out. Variants:
-dense eager, dense compiled, awqtensor compiled unfused, awqtensor compiled fused
+dense eager, dense compiled, awqtensor eager, awqtensor compiled unfused, awqtensor compiled fused
 (``fuse_``); on CUDA compiled means ``mode="reduce-overhead"`` (CUDA graphs). Writes
 ``benchmarks/results/decode_<device>.csv`` with ``speedup`` against dense compiled.
 """
@@ -71,7 +71,7 @@ def main():
     parser.add_argument("--group-size", type=int, default=64)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--variants", nargs="+",
-                        default=["dense eager", "dense compiled", "awq compiled", "awq compiled fused"])
+                        default=["dense eager", "dense compiled", "awq eager", "awq compiled", "awq compiled fused"])
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
