@@ -4,6 +4,9 @@ runs in its own process so its peak RSS is its own. Prints a table, writes CSV.
 
     python benchmarks/perplexity.py --group-size 64 --methods float rtn awq
 
+Weights are evaluated with exact matmuls; ``--cpu-kernel`` evaluates them with
+awqtensor's CPU kernel instead (int8 activations), into ``perplexity_g{G}_cpu_kernel.csv``.
+
 ``--methods autoawq --autoawq-dir DIR`` loads AutoAWQ's own checkpoint with
 ``awqtensor.load_autoawq`` and evaluates it the same way; ``benchmarks/autoawq_reference.py``
 (its own environment) makes DIR.
@@ -16,6 +19,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import os
 import platform
 import resource
 import subprocess
@@ -85,7 +89,10 @@ def main():
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=["float", "rtn", "awq"])
     parser.add_argument("--autoawq-dir", help="for --methods autoawq: benchmarks/autoawq_reference.py's --out")
     parser.add_argument("--method", help=argparse.SUPPRESS)  # child process: run one method, print JSON
-    parser.add_argument("--csv", default=None, help="default: benchmarks/results/perplexity_g{group_size}.csv")
+    parser.add_argument("--cpu-kernel", action="store_true",
+                        help="evaluate with awqtensor's CPU kernel (int8 activations) instead of exact matmuls")
+    parser.add_argument("--csv", default=None, help="default: benchmarks/results/perplexity_g{group_size}"
+                                                    "[_cpu_kernel].csv")
     args = parser.parse_args()
     if args.method:
         print("RESULT " + json.dumps(run_one(args)))
@@ -95,14 +102,20 @@ def main():
     for method in args.methods:
         child = [sys.executable, __file__, "--method", method] + [
             a for a in sys.argv[1:] if a not in args.methods and a != "--methods"]
-        out = subprocess.run(child, check=True, capture_output=True, text=True).stdout
+        # The quality of the weights is measured with exact matmuls (dequantize, then the dense
+        # matmul), as the reference protocol does; --cpu-kernel measures what the kernel adds.
+        env = dict(os.environ)
+        if not args.cpu_kernel:
+            env["AWQTENSOR_DISABLE"] = ",".join(filter(None, [env.get("AWQTENSOR_DISABLE"), "cpu_blocks"]))
+        out = subprocess.run(child, check=True, capture_output=True, text=True, env=env).stdout
         rows.append(json.loads(out.split("RESULT ", 1)[1]))
         r = rows[-1]
         print(f"{r['method']:<24} ppl {r['ppl']:.2f}  quantize {r['quantize_s']:.1f} s  "
               f"peak RSS {r['quantize_peak_rss_mb']:.0f} MB  eval {r['eval_s']:.1f} s", flush=True)
 
     device = f"cpu ({platform.processor() or platform.machine()}, {args.threads} threads)"
-    print(f"\nSmolLM2-135M-Instruct fp32, int4 asymmetric g{args.group_size}; calibration "
+    matmul = "awqtensor's CPU kernel (int8 activations)" if args.cpu_kernel else "exact matmuls"
+    print(f"\nSmolLM2-135M-Instruct fp32, int4 asymmetric g{args.group_size}, {matmul}; calibration "
           f"{args.calib_blocks} x {args.seq_len} tokens of {args.calib_text}; evaluation {args.windows} x "
           f"{args.seq_len} tokens of {args.eval_text}; {device}, torch {torch.__version__}")
     print(f"{'method':<24} {'ppl':>7} {'quantize s':>11} {'peak RSS MB':>12} {'eval s':>8}")
@@ -110,7 +123,8 @@ def main():
         print(f"{r['method']:<24} {r['ppl']:>7.2f} {r['quantize_s']:>11.1f} {r['quantize_peak_rss_mb']:>12.0f} "
               f"{r['eval_s']:>8.1f}")
     # Rows of methods not run this time are kept, so methods can be (re)measured one by one.
-    path = Path(args.csv or f"benchmarks/results/perplexity_g{args.group_size}.csv")
+    suffix = "_cpu_kernel" if args.cpu_kernel else ""
+    path = Path(args.csv or f"benchmarks/results/perplexity_g{args.group_size}{suffix}.csv")
     path.parent.mkdir(parents=True, exist_ok=True)
     fields = list(rows[0]) + ["windows", "calib_blocks", "seq_len", "device", "torch", "triton", "commit", "command"]
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
