@@ -105,37 +105,92 @@ static inline void store_elem(void* p, int64_t i, int dtype, float v) {
 
 // ---- activation quantization: x [K] -> xq [G * nb * 32], dx [G * nb], xsum [G] ----
 
-static void quantize_row(const void* x, int dtype, const void* act_scale, int64_t K, int64_t G,
-                         int64_t group_size, int64_t nb, int8_t* xq, float* dx, float* xsum) {
+// One block of up to 32 columns [c, c + n) -> 32 int8 (zero-padded); returns sum(xq).
+static int quantize_block_scalar(const void* x, const void* act_scale, int64_t c, int n, int dtype,
+                                 int8_t* out, float* d_out) {
     float v[32];
+    float amax = 0.0f;
+    for (int i = 0; i < 32; ++i) {
+        float f = 0.0f;
+        if (i < n) {
+            f = load_elem(x, c + i, dtype);
+            if (act_scale) f *= load_elem(act_scale, c + i, dtype);
+        }
+        v[i] = f;
+        amax = std::fmax(amax, std::fabs(f));
+    }
+    const float d = amax / 127.0f;
+    const float inv = d > 0.0f ? 1.0f / d : 0.0f;
+    int isum = 0;
+    for (int i = 0; i < 32; ++i) {
+        const int q = (int)std::nearbyint(v[i] * inv);  // ties to even, as cvtps2dq does
+        out[i] = (int8_t)q;
+        isum += q;
+    }
+    *d_out = d;
+    return isum;
+}
+
+#if AWQ_X86
+#define AWQ_AVX2 __attribute__((target("avx2,fma,f16c")))
+
+AWQ_AVX2 static inline __m256 load8_avx2(const void* p, int64_t i, int dtype) {
+    if (dtype == F32) return _mm256_loadu_ps((const float*)p + i);
+    const __m128i h = _mm_loadu_si128((const __m128i*)((const uint16_t*)p + i));
+    if (dtype == BF16) return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+    return _mm256_cvtph_ps(h);
+}
+
+// A full block of 32 columns, the same arithmetic as quantize_block_scalar (bit for bit
+// on finite inputs): fp32 products, absmax, x * (1 / d) rounded to nearest even.
+AWQ_AVX2 static int quantize_block_avx2(const void* x, const void* act_scale, int64_t c, int dtype,
+                                        int8_t* out, float* d_out) {
+    __m256 v[4];
+    const __m256 sign = _mm256_set1_ps(-0.0f);
+    __m256 m = _mm256_setzero_ps();
+    for (int j = 0; j < 4; ++j) {
+        v[j] = load8_avx2(x, c + 8 * j, dtype);
+        if (act_scale) v[j] = _mm256_mul_ps(v[j], load8_avx2(act_scale, c + 8 * j, dtype));
+        m = _mm256_max_ps(m, _mm256_andnot_ps(sign, v[j]));
+    }
+    __m128 h = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+    h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+    h = _mm_max_ss(h, _mm_movehdup_ps(h));
+    const float d = _mm_cvtss_f32(h) / 127.0f;
+    const __m256 inv = _mm256_set1_ps(d > 0.0f ? 1.0f / d : 0.0f);
+    __m256i q[4];
+    for (int j = 0; j < 4; ++j) q[j] = _mm256_cvtps_epi32(_mm256_mul_ps(v[j], inv));
+    // packs works per 128-bit lane; the permute puts the 4-byte runs back in column order
+    const __m256i packed = _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
+    _mm256_storeu_si256((__m256i*)out,
+                        _mm256_permutevar8x32_epi32(packed, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
+    const __m256i s = _mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3]));
+    __m128i t = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
+    t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0x4e));
+    t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0xb1));
+    *d_out = d;
+    return _mm_cvtsi128_si32(t);
+}
+#endif
+
+static void quantize_row(const void* x, int dtype, const void* act_scale, int64_t K, int64_t G,
+                         int64_t group_size, int64_t nb, bool vector, int8_t* xq, float* dx, float* xsum) {
     for (int64_t g = 0; g < G; ++g) {
         float sum = 0.0f;
         for (int64_t b = 0; b < nb; ++b) {
             const int64_t start = g * group_size + b * 32;
-            const int64_t end_group = g * group_size + group_size;
-            const int64_t end = end_group < K ? end_group : K;
-            float amax = 0.0f;
-            for (int i = 0; i < 32; ++i) {
-                const int64_t c = start + i;
-                float f = 0.0f;
-                if (c < end && b * 32 + i < group_size) {
-                    f = load_elem(x, c, dtype);
-                    if (act_scale) f *= load_elem(act_scale, c, dtype);
-                }
-                v[i] = f;
-                amax = std::fmax(amax, std::fabs(f));
-            }
-            const float d = amax / 127.0f;
-            const float inv = d > 0.0f ? 1.0f / d : 0.0f;
+            const int64_t group_end = g * group_size + group_size;
+            const int64_t end = group_end < K ? group_end : K;
+            const int n = end - start >= 32 ? 32 : (end > start ? (int)(end - start) : 0);
             int8_t* out = xq + (g * nb + b) * 32;
-            int isum = 0;
-            for (int i = 0; i < 32; ++i) {
-                const int q = (int)std::nearbyint(v[i] * inv);
-                out[i] = (int8_t)q;
-                isum += q;
-            }
-            dx[g * nb + b] = d;
-            sum += d * (float)isum;
+            float* d = dx + g * nb + b;
+            int isum;
+#if AWQ_X86
+            if (vector && n == 32) isum = quantize_block_avx2(x, act_scale, start, dtype, out, d);
+            else
+#endif
+                isum = quantize_block_scalar(x, act_scale, start, n, dtype, out, d);
+            sum += *d * (float)isum;
         }
         xsum[g] = sum;
     }
@@ -173,8 +228,7 @@ static void rows_scalar(const uint8_t* const* w, int64_t G, int64_t nb, const in
 }
 
 #if AWQ_X86
-#define AWQ_AVX2 __attribute__((target("avx2,fma")))
-#define AWQ_AVX2_VNNI __attribute__((target("avx2,fma,avxvnni")))
+#define AWQ_AVX2_VNNI __attribute__((target("avx2,fma,f16c,avxvnni")))
 
 // u8 codes x s8 activations, summed per 4 bytes into int32 lanes; "vnni" fuses the
 // maddubs/madd pair (and cannot saturate). Both are exact for |q x| <= 15 * 127.
@@ -319,10 +373,11 @@ int awq_cpu_isa_supported(int isa) {
     switch (isa) {
         case SCALAR: return 1;
 #if AWQ_X86
-        case AVX2: return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+        case AVX2:
+            return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
         case AVX2_VNNI:
             return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-                   __builtin_cpu_supports("avxvnni");
+                   __builtin_cpu_supports("f16c") && __builtin_cpu_supports("avxvnni");
 #endif
 #if AWQ_ARM
         case NEON: return 1;
@@ -353,7 +408,8 @@ int awq_cpu_linear(const void* x, int64_t M, int64_t K, int dtype, const uint8_t
 #pragma omp parallel for schedule(static) if (M * K >= 65536)
     for (int64_t m = 0; m < M; ++m)
         quantize_row((const char*)x + m * K * (dtype == F32 ? 4 : 2), dtype, act_scale, K, G,
-                     group_size, nb, xq + m * x_stride, dx + m * G * nb, xsum + m * G);
+                     group_size, nb, isa == AVX2 || isa == AVX2_VNNI, xq + m * x_stride, dx + m * G * nb,
+                     xsum + m * G);
 
     const int64_t tiles = (N + kRows - 1) / kRows;
 #pragma omp parallel for schedule(static) if (M * N * K >= (1 << 18))
