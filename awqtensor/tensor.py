@@ -182,6 +182,33 @@ def _(func, types, args, kwargs):
                         f"move the model with model.to({x.dtype}) or cast the input")
     if x.shape[-1] != weight.shape[1]:
         raise ValueError(f"linear: input has {x.shape[-1]} features, the weight expects {weight.shape[1]}")
+    if torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)):
+        return _Int4Linear.apply(x, weight, bias)
+    return _int4_linear_op(x, weight, bias)
+
+
+class _Int4Linear(torch.autograd.Function):
+    """The int4 linear with gradients for its input and bias (the weight stays frozen), so
+    adapters can be trained on top of a quantized model. Taken only when a gradient is
+    wanted: the ops themselves carry no autograd kernel, which keeps inference calls cheap.
+    The backward multiplies by the dequantized weight (exact, whatever the forward kernel)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        ctx.weight, ctx.bias_shape = weight, None if bias is None else bias.shape
+        return _int4_linear_op(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad_x = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            grad_x = grad @ ctx.weight.dequantize().to(grad.dtype)
+        if ctx.bias_shape is not None and ctx.needs_input_grad[2]:
+            grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0)
+        return grad_x, None, grad_bias
+
+
+def _int4_linear_op(x, weight, bias):
     return torch.ops.awqtensor.int4_linear(
         x, weight.qweight, weight.scales, weight.zeros, weight.act_scale, bias,
         weight.group_size, weight.packing_format,

@@ -200,7 +200,7 @@ def arm64_driver(tmp_path_factory):
     if not (CROSS and QEMU):
         pytest.skip("needs aarch64-linux-gnu-g++ and qemu-aarch64 (.ci/run installs them)")
     exe = tmp_path_factory.mktemp("arm64") / "driver"
-    subprocess.run([CROSS, "-O2", "-static", "-std=c++17", "-I", str(cpu_kernel.SOURCE.parent), DRIVER,
+    subprocess.run([CROSS, "-O2", "-static", "-std=c++17", "-ffp-contract=off", "-I", str(cpu_kernel.SOURCE.parent), DRIVER,
                     "-o", str(exe)], check=True, capture_output=True)
     return exe
 

@@ -183,3 +183,22 @@ def test_compile_fullgraph_llama(dtype):
     with torch.no_grad():  # and through Inductor
         inductor = torch.compile(model, fullgraph=True)(ids).logits
     assert max_rel_err(inductor, eager) < (1e-4 if dtype == torch.float32 else 3e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gradients_flow_to_the_input_and_bias(dtype):
+    """Adapters train on top of frozen int4 weights: d/dx and d/dbias of the int4 linear
+    against float64 autograd through the dequantized weight."""
+    t = weight(dtype, n=48, k=200, group_size=64, act_scale=(torch.rand(200) + 0.5).to(dtype))
+    x = torch.randn(3, 5, 200, dtype=dtype, requires_grad=True)
+    bias = torch.randn(48, dtype=dtype, requires_grad=True)
+    upstream = torch.randn(3, 5, 48, dtype=dtype)
+    (F.linear(x, t, bias) * upstream).sum().backward()
+    x64 = x.detach().double().requires_grad_()
+    b64 = bias.detach().double().requires_grad_()
+    w64 = torch.from_numpy(reference.dequantize(t))
+    (F.linear(x64, w64, b64) * upstream.double()).sum().backward()
+    assert max_rel_err(x.grad, x64.grad) < TOLERANCE[dtype]
+    assert max_rel_err(bias.grad, b64.grad) < TOLERANCE[dtype]
+    with torch.no_grad():  # inference takes the op directly: no graph
+        assert F.linear(x, t).grad_fn is None

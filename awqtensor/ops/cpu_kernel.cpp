@@ -191,6 +191,12 @@ static void quantize_row(const void* x, int dtype, const void* act_scale, int64_
 #endif
                 isum = quantize_block_scalar(x, act_scale, start, n, dtype, out, d);
             sum += *d * (float)isum;
+            if (vector && (b & 1)) {  // pair (b - 1, b): [A0-15 A16-31 B0-15 B16-31] -> [A0-15 B0-15 A16-31 B16-31]
+                int8_t tmp[16];
+                std::memcpy(tmp, out - 16, 16);
+                std::memcpy(out - 16, out, 16);
+                std::memcpy(out, tmp, 16);
+            }
         }
         xsum[g] = sum;
     }
@@ -200,9 +206,17 @@ static void quantize_row(const void* x, int dtype, const void* act_scale, int64_
 // w[r] points at row r's bytes; the result is sum_g scale * sum_b dx_b <q, xq>, and
 // corr[r] collects sum_g (scale * zero) * xsum_g.
 
-template <int R>
-static void rows_scalar(const uint8_t* const* w, int64_t G, int64_t nb, const int8_t* xq,
-                        const float* dx, const float* xsum, float* out) {
+static inline void group_header(const uint8_t* group, float* scale, float* scaled_zero) {
+    std::memcpy(scale, group, 4);
+    std::memcpy(scaled_zero, group + 4, 4);
+}
+
+template <int R, int MB>
+static void rows_scalar(const uint8_t* const* w, int64_t G, int64_t nb, const int8_t* const* xqs,
+                        const float* const* dxs, const float* const* xsums, float* out) {
+    static_assert(MB == 1, "one activation row at a time");
+    const int8_t* xq = xqs[0];
+    const float *dx = dxs[0], *xsum = xsums[0];
     const int64_t group_bytes = 8 + 16 * nb;
     for (int r = 0; r < R; ++r) {
         float acc = 0.0f, corr = 0.0f;
@@ -218,8 +232,7 @@ static void rows_scalar(const uint8_t* const* w, int64_t G, int64_t nb, const in
                 gacc += dx[g * nb + b] * (float)dot;
             }
             float scale, scaled_zero;
-            std::memcpy(&scale, grp, 4);
-            std::memcpy(&scaled_zero, grp + 4, 4);
+            group_header(grp, &scale, &scaled_zero);
             acc += scale * gacc;
             corr += scaled_zero * xsum[g];
         }
@@ -240,59 +253,72 @@ AWQ_AVX2_VNNI static inline __m256i dot_pair_vnni(__m256i lo, __m256i x1, __m256
     return _mm256_dpbusd_avx_epi32(_mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), lo, x1), hi, x2);
 }
 
+// R weight rows x MB activation rows: each 32-byte load of codes is unpacked once and
+// used MB times. Activations arrive pair-permuted (quantize_row's `vector` layout), so a
+// pair of blocks is two plain loads. Per output, the arithmetic is the same whatever R, MB.
 #define AWQ_ROWS_X86(NAME, TARGET, DOT)                                                          \
-    template <int R>                                                                             \
-    TARGET static void NAME(const uint8_t* const* w, int64_t G, int64_t nb, const int8_t* xq,    \
-                            const float* dx, const float* xsum, float* out) {                   \
+    template <int R, int MB>                                                                     \
+    TARGET static void NAME(const uint8_t* const* w, int64_t G, int64_t nb, const int8_t* const* xq, \
+                            const float* const* dx, const float* const* xsum, float* out) {      \
         const int64_t group_bytes = 8 + 16 * nb;                                                 \
         const __m256i mask = _mm256_set1_epi8(0x0f);                                             \
-        __m256 acc[R];                                                                           \
-        float corr[R];                                                                           \
-        for (int r = 0; r < R; ++r) { acc[r] = _mm256_setzero_ps(); corr[r] = 0.0f; }            \
+        __m256 acc[MB][R];                                                                       \
+        float corr[MB][R];                                                                       \
+        for (int i = 0; i < MB; ++i)                                                             \
+            for (int r = 0; r < R; ++r) { acc[i][r] = _mm256_setzero_ps(); corr[i][r] = 0.0f; }  \
         for (int64_t g = 0; g < G; ++g) {                                                        \
-            const int8_t* xg = xq + g * nb * 32;                                                 \
-            const float* dg = dx + g * nb;                                                       \
-            __m256 gacc[R];                                                                      \
-            for (int r = 0; r < R; ++r) gacc[r] = _mm256_setzero_ps();                           \
+            __m256 gacc[MB][R];                                                                  \
+            for (int i = 0; i < MB; ++i)                                                         \
+                for (int r = 0; r < R; ++r) gacc[i][r] = _mm256_setzero_ps();                    \
             int64_t b = 0;                                                                       \
             for (; b + 2 <= nb; b += 2) { /* two blocks: one 32-byte load of codes per row */    \
-                const __m256i xa = _mm256_loadu_si256((const __m256i*)(xg + b * 32));            \
-                const __m256i xb = _mm256_loadu_si256((const __m256i*)(xg + b * 32 + 32));       \
-                const __m256i x1 = _mm256_permute2x128_si256(xa, xb, 0x20); /* low nibbles */    \
-                const __m256i x2 = _mm256_permute2x128_si256(xa, xb, 0x31); /* high nibbles */   \
-                const __m256 d = _mm256_set_m128(_mm_set1_ps(dg[b + 1]), _mm_set1_ps(dg[b]));    \
+                __m256 d[MB];                                                                    \
+                for (int i = 0; i < MB; ++i) {                                                   \
+                    const float* dg = dx[i] + g * nb + b;                                        \
+                    d[i] = _mm256_set_m128(_mm_set1_ps(dg[1]), _mm_set1_ps(dg[0]));              \
+                }                                                                                \
                 for (int r = 0; r < R; ++r) {                                                    \
                     const __m256i v = _mm256_loadu_si256(                                        \
                         (const __m256i*)(w[r] + g * group_bytes + 8 + 16 * b));                  \
                     const __m256i lo = _mm256_and_si256(v, mask);                                \
                     const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);          \
-                    gacc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(DOT(lo, x1, hi, x2)), d, gacc[r]); \
+                    for (int i = 0; i < MB; ++i) {                                               \
+                        const int8_t* xp = xq[i] + (g * nb + b) * 32;                            \
+                        const __m256i x1 = _mm256_loadu_si256((const __m256i*)xp);               \
+                        const __m256i x2 = _mm256_loadu_si256((const __m256i*)(xp + 32));        \
+                        gacc[i][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(DOT(lo, x1, hi, x2)), d[i], gacc[i][r]); \
+                    }                                                                            \
                 }                                                                                \
             }                                                                                    \
             if (b < nb) { /* an odd block: its 16 bytes widened to 32 codes in column order */   \
-                const __m256i xa = _mm256_loadu_si256((const __m256i*)(xg + b * 32));            \
-                const __m256 d = _mm256_set1_ps(dg[b]);                                          \
+                const __m256i zero = _mm256_setzero_si256();                                     \
                 for (int r = 0; r < R; ++r) {                                                    \
                     const __m128i v = _mm_loadu_si128((const __m128i*)(w[r] + g * group_bytes + 8 + 16 * b)); \
                     const __m256i q = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(v, 4), v), mask); \
-                    const __m256i zero = _mm256_setzero_si256();                                 \
-                    gacc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(DOT(q, xa, zero, zero)), d, gacc[r]); \
+                    for (int i = 0; i < MB; ++i) {                                               \
+                        const __m256i xa = _mm256_loadu_si256((const __m256i*)(xq[i] + (g * nb + b) * 32)); \
+                        const __m256 d = _mm256_set1_ps(dx[i][g * nb + b]);                      \
+                        gacc[i][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(DOT(q, xa, zero, zero)), d, gacc[i][r]); \
+                    }                                                                            \
                 }                                                                                \
             }                                                                                    \
             for (int r = 0; r < R; ++r) {                                                        \
                 float scale, scaled_zero;                                                        \
-                std::memcpy(&scale, w[r] + g * group_bytes, 4);                                  \
-                std::memcpy(&scaled_zero, w[r] + g * group_bytes + 4, 4);                        \
-                acc[r] = _mm256_fmadd_ps(gacc[r], _mm256_set1_ps(scale), acc[r]);                \
-                corr[r] += scaled_zero * xsum[g];                                                \
+                group_header(w[r] + g * group_bytes, &scale, &scaled_zero);                      \
+                const __m256 s = _mm256_set1_ps(scale);                                          \
+                for (int i = 0; i < MB; ++i) {                                                   \
+                    acc[i][r] = _mm256_fmadd_ps(gacc[i][r], s, acc[i][r]);                       \
+                    corr[i][r] += scaled_zero * xsum[i][g];                                      \
+                }                                                                                \
             }                                                                                    \
         }                                                                                        \
-        for (int r = 0; r < R; ++r) {                                                            \
-            __m128 s = _mm_add_ps(_mm256_castps256_ps128(acc[r]), _mm256_extractf128_ps(acc[r], 1)); \
-            s = _mm_add_ps(s, _mm_movehl_ps(s, s));                                              \
-            s = _mm_add_ss(s, _mm_movehdup_ps(s));                                               \
-            out[r] = _mm_cvtss_f32(s) - corr[r];                                                 \
-        }                                                                                        \
+        for (int i = 0; i < MB; ++i)                                                             \
+            for (int r = 0; r < R; ++r) {                                                        \
+                __m128 s = _mm_add_ps(_mm256_castps256_ps128(acc[i][r]), _mm256_extractf128_ps(acc[i][r], 1)); \
+                s = _mm_add_ps(s, _mm_movehl_ps(s, s));                                          \
+                s = _mm_add_ss(s, _mm_movehdup_ps(s));                                           \
+                out[i * R + r] = _mm_cvtss_f32(s) - corr[i][r];                                  \
+            }                                                                                    \
     }
 
 AWQ_ROWS_X86(rows_avx2, AWQ_AVX2, dot_pair_avx2)
@@ -312,9 +338,12 @@ __attribute__((target("arch=armv8.2-a+dotprod"))) static inline int32x4_t dot16_
 }
 
 #define AWQ_ROWS_ARM(NAME, TARGET, DOT)                                                          \
-    template <int R>                                                                             \
-    TARGET static void NAME(const uint8_t* const* w, int64_t G, int64_t nb, const int8_t* xq,    \
-                            const float* dx, const float* xsum, float* out) {                   \
+    template <int R, int MB>                                                                     \
+    TARGET static void NAME(const uint8_t* const* w, int64_t G, int64_t nb, const int8_t* const* xqs, \
+                            const float* const* dxs, const float* const* xsums, float* out) {    \
+        static_assert(MB == 1, "one activation row at a time");                                  \
+        const int8_t* xq = xqs[0];                                                               \
+        const float *dx = dxs[0], *xsum = xsums[0];                                              \
         const int64_t group_bytes = 8 + 16 * nb;                                                 \
         const uint8x16_t mask = vdupq_n_u8(0x0f);                                                \
         float32x4_t acc[R];                                                                      \
@@ -335,8 +364,7 @@ __attribute__((target("arch=armv8.2-a+dotprod"))) static inline int32x4_t dot16_
             }                                                                                    \
             for (int r = 0; r < R; ++r) {                                                        \
                 float scale, scaled_zero;                                                        \
-                std::memcpy(&scale, w[r] + g * group_bytes, 4);                                  \
-                std::memcpy(&scaled_zero, w[r] + g * group_bytes + 4, 4);                        \
+                group_header(w[r] + g * group_bytes, &scale, &scaled_zero);                      \
                 acc[r] = vfmaq_n_f32(acc[r], gacc[r], scale);                                    \
                 corr[r] += scaled_zero * xsum[g];                                                \
             }                                                                                    \
@@ -348,19 +376,25 @@ AWQ_ROWS_ARM(rows_neon, , dot16_neon)
 AWQ_ROWS_ARM(rows_dotprod, __attribute__((target("arch=armv8.2-a+dotprod"))), dot16_dotprod)
 #endif  // AWQ_ARM
 
-typedef void (*RowsFn)(const uint8_t* const*, int64_t, int64_t, const int8_t*, const float*,
-                       const float*, float*);
+typedef void (*RowsFn)(const uint8_t* const*, int64_t, int64_t, const int8_t* const*, const float* const*,
+                       const float* const*, float*);
 
-static bool pick(int isa, RowsFn* tile, RowsFn* one) {
+struct Kernels {
+    RowsFn tile, one;            // kRows weight rows, 1 weight row; one activation row
+    RowsFn tile_pair, one_pair;  // the same for two activation rows, or null
+};
+
+static bool pick(int isa, Kernels* k) {
+    *k = Kernels{nullptr, nullptr, nullptr, nullptr};
     switch (isa) {
-        case SCALAR: *tile = rows_scalar<kRows>; *one = rows_scalar<1>; return true;
+        case SCALAR: *k = {rows_scalar<kRows, 1>, rows_scalar<1, 1>, nullptr, nullptr}; return true;
 #if AWQ_X86
-        case AVX2: *tile = rows_avx2<kRows>; *one = rows_avx2<1>; return true;
-        case AVX2_VNNI: *tile = rows_vnni<kRows>; *one = rows_vnni<1>; return true;
+        case AVX2: *k = {rows_avx2<kRows, 1>, rows_avx2<1, 1>, rows_avx2<kRows / 2, 2>, rows_avx2<1, 2>}; return true;
+        case AVX2_VNNI: *k = {rows_vnni<kRows, 1>, rows_vnni<1, 1>, rows_vnni<kRows / 2, 2>, rows_vnni<1, 2>}; return true;
 #endif
 #if AWQ_ARM
-        case NEON: *tile = rows_neon<kRows>; *one = rows_neon<1>; return true;
-        case NEON_DOTPROD: *tile = rows_dotprod<kRows>; *one = rows_dotprod<1>; return true;
+        case NEON: *k = {rows_neon<kRows, 1>, rows_neon<1, 1>, nullptr, nullptr}; return true;
+        case NEON_DOTPROD: *k = {rows_dotprod<kRows, 1>, rows_dotprod<1, 1>, nullptr, nullptr}; return true;
 #endif
         default: return false;
     }
@@ -395,8 +429,8 @@ int awq_cpu_isa_supported(int isa) {
 int awq_cpu_linear(const void* x, int64_t M, int64_t K, int dtype, const uint8_t* w, int64_t N,
                    int64_t G, int64_t group_size, const void* act_scale, const void* bias,
                    void* y, int isa) {
-    RowsFn tile, one;
-    if (dtype < F32 || dtype > F16 || !pick(isa, &tile, &one) || !awq_cpu_isa_supported(isa)) return -1;
+    Kernels k;
+    if (dtype < F32 || dtype > F16 || !pick(isa, &k) || !awq_cpu_isa_supported(isa)) return -1;
     const int64_t nb = (group_size + 31) / 32;
     const int64_t row_bytes = G * (8 + 16 * nb);
     const int64_t x_stride = G * nb * 32;
@@ -404,12 +438,12 @@ int awq_cpu_linear(const void* x, int64_t M, int64_t K, int dtype, const uint8_t
     float* dx = (float*)std::malloc(sizeof(float) * (size_t)(M * G * nb + M * G));
     if (!xq || !dx) { std::free(xq); std::free(dx); return -2; }
     float* xsum = dx + M * G * nb;
+    const bool pair_permuted = k.tile_pair != nullptr;  // the x86 kernels read pairs of blocks
 
 #pragma omp parallel for schedule(static) if (M * K >= 65536)
     for (int64_t m = 0; m < M; ++m)
         quantize_row((const char*)x + m * K * (dtype == F32 ? 4 : 2), dtype, act_scale, K, G,
-                     group_size, nb, isa == AVX2 || isa == AVX2_VNNI, xq + m * x_stride, dx + m * G * nb,
-                     xsum + m * G);
+                     group_size, nb, pair_permuted, xq + m * x_stride, dx + m * G * nb, xsum + m * G);
 
     const int64_t tiles = (N + kRows - 1) / kRows;
 #pragma omp parallel for schedule(static) if (M * N * K >= (1 << 18))
@@ -418,18 +452,39 @@ int awq_cpu_linear(const void* x, int64_t M, int64_t K, int dtype, const uint8_t
         const int rows = (int)(N - n0 < kRows ? N - n0 : kRows);
         const uint8_t* rows_w[kRows];
         for (int r = 0; r < kRows; ++r) rows_w[r] = w + (n0 + (r < rows ? r : 0)) * row_bytes;
-        float out[kRows];
-        for (int64_t m = 0; m < M; ++m) {
-            const int8_t* xm = xq + m * x_stride;
-            const float* dm = dx + m * G * nb;
-            const float* sm = xsum + m * G;
-            if (rows == kRows) tile(rows_w, G, nb, xm, dm, sm, out);
-            else for (int r = 0; r < rows; ++r) one(rows_w + r, G, nb, xm, dm, sm, out + r);
-            for (int r = 0; r < rows; ++r) {
-                float v = out[r];
-                if (bias) v += load_elem(bias, n0 + r, dtype);
-                store_elem(y, m * N + n0 + r, dtype, v);
+        float out[2 * kRows];
+        for (int64_t m = 0; m < M;) {
+            const int mb = (k.tile_pair && m + 1 < M) ? 2 : 1;
+            const int8_t* xm[2] = {xq + m * x_stride, xq + (m + mb - 1) * x_stride};
+            const float* dm[2] = {dx + m * G * nb, dx + (m + mb - 1) * G * nb};
+            const float* sm[2] = {xsum + m * G, xsum + (m + mb - 1) * G};
+            if (mb == 2) {  // out[i * R + r] for R = kRows / 2, then for the second half of the tile
+                if (rows == kRows) {
+                    float half[2][kRows];
+                    k.tile_pair(rows_w, G, nb, xm, dm, sm, half[0]);
+                    k.tile_pair(rows_w + kRows / 2, G, nb, xm, dm, sm, half[1]);
+                    for (int i = 0; i < 2; ++i)
+                        for (int r = 0; r < kRows; ++r) out[i * kRows + r] = half[r / (kRows / 2)][i * (kRows / 2) + r % (kRows / 2)];
+                } else {
+                    for (int r = 0; r < rows; ++r) {
+                        float two[2];
+                        k.one_pair(rows_w + r, G, nb, xm, dm, sm, two);
+                        out[r] = two[0];
+                        out[kRows + r] = two[1];
+                    }
+                }
+            } else if (rows == kRows) {
+                k.tile(rows_w, G, nb, xm, dm, sm, out);
+            } else {
+                for (int r = 0; r < rows; ++r) k.one(rows_w + r, G, nb, xm, dm, sm, out + r);
             }
+            for (int i = 0; i < mb; ++i)
+                for (int r = 0; r < rows; ++r) {
+                    float v = out[i * kRows + r];
+                    if (bias) v += load_elem(bias, n0 + r, dtype);
+                    store_elem(y, (m + i) * N + n0 + r, dtype, v);
+                }
+            m += mb;
         }
     }
     std::free(xq);

@@ -36,7 +36,9 @@ SOURCE = Path(__file__).with_name("cpu_kernel.cpp")
 ISAS = {"scalar": 0, "avx2": 1, "avx2_vnni": 2, "neon": 3, "neon_dotprod": 4}
 PREFERENCE = ("avx2_vnni", "avx2", "neon_dotprod", "neon", "scalar")  # fastest first
 DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
-FLAGS = ["-O3", "-std=c++17", "-fPIC", "-shared", "-fno-math-errno"]
+# no FMA contraction of scalar code: every output takes one rounding sequence, whatever the
+# tile shape that computed it (batch invariance)
+FLAGS = ["-O3", "-std=c++17", "-fPIC", "-shared", "-fno-math-errno", "-ffp-contract=off"]
 
 
 def _compiler() -> str | None:
@@ -125,24 +127,25 @@ def _isa_code(forced: str | None) -> int:
 
 def linear(x: torch.Tensor, qweight: torch.Tensor, n_groups: int, group_size: int,
            act_scale: torch.Tensor | None, bias: torch.Tensor | None, out_features: int) -> torch.Tensor:
-    """``x [..., K] (* act_scale) @ W.T + bias`` for a "cpu_blocks" ``qweight``, in x.dtype."""
-    lib = _load()[0]
+    """``x [..., K] (* act_scale) @ W.T + bias`` for a "cpu_blocks" ``qweight``, in x.dtype.
+    Every microsecond here counts at decode, where a SmolLM2 layer's kernel takes ~5 us."""
     k = x.shape[-1]
-    x2 = x.reshape(-1, k).contiguous()
+    x2 = x if x.dim() == 2 and x.is_contiguous() else x.reshape(-1, k).contiguous()
     m = x2.shape[0]
     y = torch.empty(m, out_features, dtype=x.dtype)
-    if act_scale is not None:
+    if act_scale is not None and (act_scale.dtype != x.dtype or not act_scale.is_contiguous()):
         act_scale = act_scale.to(x.dtype).contiguous()
-    if bias is not None:
+    if bias is not None and (bias.dtype != x.dtype or not bias.is_contiguous()):
         bias = bias.to(x.dtype).contiguous()
+    if not qweight.is_contiguous():  # never by construction; the kernel reads raw bytes
+        qweight = qweight.contiguous()
     if m:
-        rc = lib.awq_cpu_linear(
-            x2.data_ptr(), m, k, DTYPES[x.dtype], qweight.contiguous().data_ptr(), out_features,
-            n_groups, group_size, None if act_scale is None else act_scale.data_ptr(),
-            None if bias is None else bias.data_ptr(), y.data_ptr(),
-            _isa_code(os.environ.get("AWQTENSOR_CPU_ISA")),
+        rc = _load()[0].awq_cpu_linear(
+            x2.data_ptr(), m, k, DTYPES[x.dtype], qweight.data_ptr(), out_features, n_groups, group_size,
+            None if act_scale is None else act_scale.data_ptr(), None if bias is None else bias.data_ptr(),
+            y.data_ptr(), _isa_code(os.environ.get("AWQTENSOR_CPU_ISA")),
         )
         if rc:
             raise MemoryError("awqtensor CPU kernel: out of memory for its activation buffer") if rc == -2 \
                 else RuntimeError(f"awqtensor CPU kernel refused the call (code {rc})")
-    return y.reshape(*x.shape[:-1], out_features)
+    return y if x.dim() == 2 else y.reshape(*x.shape[:-1], out_features)
