@@ -85,7 +85,8 @@ def _load() -> tuple[ctypes.CDLL | None, str | None]:
             raise RuntimeError("no C++ compiler found (set CXX, or install g++ or clang++)")
         lib = ctypes.CDLL(str(_build(compiler)))
     except (OSError, RuntimeError, subprocess.SubprocessError) as e:
-        reason = f"the CPU kernel could not be built: {e}"
+        hint = f" (is {_cache_dir()} writable? AWQTENSOR_CACHE moves it)" if isinstance(e, PermissionError) else ""
+        reason = f"the CPU kernel could not be built: {e}{hint}"
         warnings.warn(f"awqtensor: {reason}; int4 matmuls on the CPU use torch's slower int4 kernel",
                       RuntimeWarning, stacklevel=3)
         return None, reason
