@@ -4,7 +4,8 @@
     python benchmarks/cpu_linear.py --quick      # 4096x4096 and gate/up only, M = 1 and 128
 
 Shapes: 4096x4096 and SmolLM2-135M's (q/o 576x576, k/v 192x576, gate/up 1536x576, down
-576x1536); M = 1, 4, 16, 64, 128, 512; group size 64. Implementations, all called as
+576x1536, and the fused q/k/v 960x576 and gate/up 3072x576 that ``fuse_`` makes);
+M = 1, 4, 16, 64, 128, 512; group size 64. Implementations, all called as
 ``F.linear(x, weight)``:
 
 * ``dense fp32``, ``dense bf16``: torch's matmul on the float weight;
@@ -35,7 +36,8 @@ from awqtensor.ops import cpu_kernel
 from common import provenance, write_csv
 
 SHAPES = {"4096x4096": (4096, 4096), "smol q/o": (576, 576), "smol k/v": (192, 576),
-          "smol gate/up": (1536, 576), "smol down": (576, 1536)}
+          "smol gate/up": (1536, 576), "smol down": (576, 1536),
+          "smol qkv fused": (960, 576), "smol gate_up fused": (3072, 576)}  # what fuse_ makes of them
 MS = (1, 4, 16, 64, 128, 512)
 COLD_BYTES = 96 << 20  # more than the last-level cache of the machines we run on
 
@@ -99,7 +101,7 @@ def main():
     device = (f"cpu {platform.processor() or platform.machine()} ({torch.backends.cpu.get_cpu_capability()}, "
               f"kernel isa {cpu_kernel.isa()}) x{args.threads}")
     print(f"{device}, torch {torch.__version__}, group size {args.group_size}")
-    header = f"{'shape':<14} {'cache':<5} {'M':>4} " + " ".join(f"{name:>16}" for name in
+    header = f"{'shape':<18} {'cache':<5} {'M':>4} " + " ".join(f"{name:>16}" for name in
                                                                weights(16, 64, 32)) + "   ms, then speedup vs dense fp32"
     print(header)
     rows = []
@@ -117,7 +119,7 @@ def main():
                                      "impl": impl, "ms": round(ms_, 4), "weight_GBps": round(nbytes(w) / ms_ / 1e6, 2),
                                      "GFLOPs": round(2 * m * n * k / ms_ / 1e6, 2), "speedup": round(base / ms_, 3),
                                      "group_size": args.group_size, "device": device, **provenance()})
-                    print(f"{name:<14} {'cold' if cold else 'hot':<5} {m:>4} "
+                    print(f"{name:<18} {'cold' if cold else 'hot':<5} {m:>4} "
                           + " ".join(f"{t:>8.3f} {base / t:>6.2f}x" for t in times.values()), flush=True)
     print(f"wrote {write_csv(Path(args.csv), rows)}")
 
