@@ -63,6 +63,9 @@ def test_matches_float64_w4a8_model(isa, dtype, n, k, group_size):
                 y = F.linear(x, t, b)
                 assert y.dtype == dtype and y.shape == (m, n)
                 assert max_rel_err(y, reference.q8_linear(x, t, b)) < KERNEL_TOLERANCE[dtype], (zero_point, act_scale)
+                # the ctypes launcher (used where the torch binding cannot be built): same kernel, same bits
+                direct = cpu_kernel.linear(x, t.qweight, t.scales.shape[1], t.group_size, t.act_scale, b, n)
+                assert torch.equal(direct, y)
 
 
 def test_instruction_sets_agree(monkeypatch):
@@ -158,6 +161,7 @@ def test_build_is_cached(tmp_path, monkeypatch):
 @pytest.mark.parametrize("broken", ["missing", "failing"])
 def test_no_compiler_falls_back_with_one_warning(broken, tmp_path, monkeypatch):
     monkeypatch.setenv("AWQTENSOR_CACHE", str(tmp_path))
+    monkeypatch.setattr(cpu_kernel, "_binding_loaded", [])  # as in a fresh process
     if broken == "missing":
         monkeypatch.setattr(cpu_kernel, "_compiler", lambda: None)
     else:
@@ -179,6 +183,16 @@ def test_no_compiler_falls_back_with_one_warning(broken, tmp_path, monkeypatch):
     assert cpu_kernel.unavailable() is None
 
 
+def test_the_op_runs_the_cpp_binding():
+    """awqtensor::int4_linear's CPU kernel is the C++ one here (this machine has torch's
+    headers and a compiler), and it hands other layouts back to the Python dispatcher."""
+    assert cpu_kernel.binding()
+    t = weight(16, 64, torch.float32, 32, seed=15)
+    plain = t._replace(qweight=t.plain_qweight(), packing_format=packing.PLAIN)
+    x = activations(2, 64, torch.float32, seed=16)
+    assert max_rel_err(F.linear(x, plain), reference.linear(x, plain)) < TOLERANCE[torch.float32]
+
+
 def test_disable_and_bad_isa(monkeypatch):
     monkeypatch.setenv("AWQTENSOR_DISABLE", "cpu_blocks")
     assert Int4AWQTensor.from_float(torch.randn(16, 64), 32).packing_format != packing.CPU_BLOCKS
@@ -186,6 +200,9 @@ def test_disable_and_bad_isa(monkeypatch):
     monkeypatch.setenv("AWQTENSOR_CPU_ISA", "sse9")
     with pytest.raises(ValueError, match="AWQTENSOR_CPU_ISA=sse9"):
         cpu_kernel.isa()
+    t = weight(8, 64, torch.float32, 32, seed=17)
+    with pytest.raises(RuntimeError, match="AWQTENSOR_CPU_ISA=sse9"):
+        F.linear(torch.randn(1, 64), t)
 
 
 # ---- ARM64 (NEON, dotprod) under qemu: the same source, cross-compiled ----

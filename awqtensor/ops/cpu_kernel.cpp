@@ -423,6 +423,14 @@ int awq_cpu_isa_supported(int isa) {
     }
 }
 
+// The fastest path this CPU runs.
+int awq_cpu_best_isa(void) {
+    static const int order[] = {AVX2_VNNI, AVX2, NEON_DOTPROD, NEON, SCALAR};
+    for (int isa : order)
+        if (awq_cpu_isa_supported(isa)) return isa;
+    return SCALAR;
+}
+
 // y[M, N] = x[M, K] (times act_scale) @ W.T + bias, W in the "cpu_blocks" layout with G
 // groups of group_size columns. x, act_scale, bias and y share `dtype`; act_scale and
 // bias may be NULL. Returns 0, or -1 for an unknown isa/dtype, -2 when out of memory.

@@ -25,12 +25,20 @@ _lib.define(
     "int4_linear(Tensor x, Tensor qweight, Tensor scales, Tensor? zeros, Tensor? act_scale, Tensor? bias, "
     "int group_size, str packing_format) -> Tensor"
 )
-_lib.impl("int4_linear", reference.int4_linear, "CompositeExplicitAutograd")
-_lib.impl("int4_linear", cpu.int4_linear, "CPU")
+# The Python dispatcher by layout (awqtensor/ops/cpu.py) serves the CPU, and any device
+# without a kernel, until the C++ CPU kernel (cpu_op.cpp) loads with the first CPU weight;
+# that one hands layouts other than "cpu_blocks" back to it as _int4_linear_py.
+_lib.impl("int4_linear", cpu.int4_linear, "CompositeExplicitAutograd")
 _lib.impl("int4_linear", gpu.int4_linear, "CUDA")
+_lib.define(
+    "_int4_linear_py(Tensor x, Tensor qweight, Tensor scales, Tensor? zeros, Tensor? act_scale, Tensor? bias, "
+    "int group_size, str packing_format) -> Tensor"
+)
+_lib.impl("_int4_linear_py", cpu.int4_linear, "CompositeExplicitAutograd")
 
 
 @torch.library.register_fake("awqtensor::int4_linear", lib=_lib)
+@torch.library.register_fake("awqtensor::_int4_linear_py", lib=_lib)
 def _(x, qweight, scales, zeros, act_scale, bias, group_size, packing_format):
     return x.new_empty((*x.shape[:-1], scales.shape[0]))
 
