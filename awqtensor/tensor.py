@@ -177,11 +177,13 @@ implements_torch_function = Int4AWQTensor.implements_torch_function
 def _(func, types, args, kwargs):
     x, weight = args[0], args[1]
     bias = args[2] if len(args) > 2 else kwargs.get("bias")
-    if x.dtype != weight.dtype:
-        raise TypeError(f"linear: input is {x.dtype} but the Int4AWQTensor weight is {weight.dtype}; "
+    with torch._C.DisableTorchFunctionSubclass():  # each property read would be another dispatch (~1 us)
+        dtype, in_features = weight.dtype, weight.shape[1]
+    if x.dtype != dtype:
+        raise TypeError(f"linear: input is {x.dtype} but the Int4AWQTensor weight is {dtype}; "
                         f"move the model with model.to({x.dtype}) or cast the input")
-    if x.shape[-1] != weight.shape[1]:
-        raise ValueError(f"linear: input has {x.shape[-1]} features, the weight expects {weight.shape[1]}")
+    if x.shape[-1] != in_features:
+        raise ValueError(f"linear: input has {x.shape[-1]} features, the weight expects {in_features}")
     if torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)):
         return _Int4Linear.apply(x, weight, bias)
     return _int4_linear_op(x, weight, bias)

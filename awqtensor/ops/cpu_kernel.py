@@ -26,6 +26,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import hashlib
+import logging
 import os
 import platform
 import shutil
@@ -36,6 +37,7 @@ from pathlib import Path
 
 import torch
 
+log = logging.getLogger("awqtensor")
 SOURCE = Path(__file__).with_name("cpu_kernel.cpp")
 BINDING = Path(__file__).with_name("cpu_op.cpp")  # the kernel as awqtensor::int4_linear's C++ CPU kernel
 ISAS = {"scalar": 0, "avx2": 1, "avx2_vnni": 2, "neon": 3, "neon_dotprod": 4}
@@ -80,6 +82,7 @@ def _build(compiler: str, binding: bool = False) -> Path:
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
+    log.info("building awqtensor's CPU kernel%s into %s (once)", " for torch" if binding else "", target.parent)
     extra = _torch_flags() if binding else []
     errors = []
     for openmp in (["-fopenmp"], []):  # a compiler without OpenMP still builds a serial kernel
