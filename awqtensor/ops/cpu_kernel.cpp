@@ -431,72 +431,102 @@ int awq_cpu_best_isa(void) {
     return SCALAR;
 }
 
+// One call's operands, shared by the threads.
+struct Problem {
+    Kernels k;
+    const void *x, *act_scale, *bias;
+    void* y;
+    const uint8_t* w;
+    int64_t M, K, N, G, group_size, nb, row_bytes, x_stride;
+    int dtype;
+    bool pair_permuted;  // the x86 kernels read pairs of blocks
+    int8_t* xq;
+    float *dx, *xsum;
+};
+
+static void quantize_rows(const Problem& p, int64_t m) {
+    quantize_row((const char*)p.x + m * p.K * (p.dtype == F32 ? 4 : 2), p.dtype, p.act_scale, p.K, p.G,
+                 p.group_size, p.nb, p.pair_permuted, p.xq + m * p.x_stride, p.dx + m * p.G * p.nb, p.xsum + m * p.G);
+}
+
+// Output rows [4t, 4t + 4) for every activation row.
+static void run_tile(const Problem& p, int64_t t) {
+    const Kernels& k = p.k;
+    const int64_t n0 = t * kRows, G = p.G, nb = p.nb;
+    const int rows = (int)(p.N - n0 < kRows ? p.N - n0 : kRows);
+    const uint8_t* rows_w[kRows];
+    for (int r = 0; r < kRows; ++r) rows_w[r] = p.w + (n0 + (r < rows ? r : 0)) * p.row_bytes;
+    float out[2 * kRows];
+    for (int64_t m = 0; m < p.M;) {
+        const int mb = (k.tile_pair && m + 1 < p.M) ? 2 : 1;
+        const int8_t* xm[2] = {p.xq + m * p.x_stride, p.xq + (m + mb - 1) * p.x_stride};
+        const float* dm[2] = {p.dx + m * G * nb, p.dx + (m + mb - 1) * G * nb};
+        const float* sm[2] = {p.xsum + m * G, p.xsum + (m + mb - 1) * G};
+        if (mb == 2) {  // out[i * R + r] for R = kRows / 2, then for the second half of the tile
+            if (rows == kRows) {
+                float half[2][kRows];
+                k.tile_pair(rows_w, G, nb, xm, dm, sm, half[0]);
+                k.tile_pair(rows_w + kRows / 2, G, nb, xm, dm, sm, half[1]);
+                for (int i = 0; i < 2; ++i)
+                    for (int r = 0; r < kRows; ++r) out[i * kRows + r] = half[r / (kRows / 2)][i * (kRows / 2) + r % (kRows / 2)];
+            } else {
+                for (int r = 0; r < rows; ++r) {
+                    float two[2];
+                    k.one_pair(rows_w + r, G, nb, xm, dm, sm, two);
+                    out[r] = two[0];
+                    out[kRows + r] = two[1];
+                }
+            }
+        } else if (rows == kRows) {
+            k.tile(rows_w, G, nb, xm, dm, sm, out);
+        } else {
+            for (int r = 0; r < rows; ++r) k.one(rows_w + r, G, nb, xm, dm, sm, out + r);
+        }
+        for (int i = 0; i < mb; ++i)
+            for (int r = 0; r < rows; ++r) {
+                float v = out[i * kRows + r];
+                if (p.bias) v += load_elem(p.bias, n0 + r, p.dtype);
+                store_elem(p.y, (m + i) * p.N + n0 + r, p.dtype, v);
+            }
+        m += mb;
+    }
+}
+
 // y[M, N] = x[M, K] (times act_scale) @ W.T + bias, W in the "cpu_blocks" layout with G
 // groups of group_size columns. x, act_scale, bias and y share `dtype`; act_scale and
 // bias may be NULL. Returns 0, or -1 for an unknown isa/dtype, -2 when out of memory.
 int awq_cpu_linear(const void* x, int64_t M, int64_t K, int dtype, const uint8_t* w, int64_t N,
                    int64_t G, int64_t group_size, const void* act_scale, const void* bias,
                    void* y, int isa) {
-    Kernels k;
-    if (dtype < F32 || dtype > F16 || !pick(isa, &k) || !awq_cpu_isa_supported(isa)) return -1;
-    const int64_t nb = (group_size + 31) / 32;
-    const int64_t row_bytes = G * (8 + 16 * nb);
-    const int64_t x_stride = G * nb * 32;
-    int8_t* xq = (int8_t*)std::malloc((size_t)(M * x_stride) + 64);
-    float* dx = (float*)std::malloc(sizeof(float) * (size_t)(M * G * nb + M * G));
-    if (!xq || !dx) { std::free(xq); std::free(dx); return -2; }
-    float* xsum = dx + M * G * nb;
-    const bool pair_permuted = k.tile_pair != nullptr;  // the x86 kernels read pairs of blocks
+    Problem p;
+    if (dtype < F32 || dtype > F16 || !pick(isa, &p.k) || !awq_cpu_isa_supported(isa)) return -1;
+    p.x = x; p.act_scale = act_scale; p.bias = bias; p.y = y; p.w = w;
+    p.M = M; p.K = K; p.N = N; p.G = G; p.group_size = group_size; p.dtype = dtype;
+    p.nb = (group_size + 31) / 32;
+    p.row_bytes = G * (8 + 16 * p.nb);
+    p.x_stride = G * p.nb * 32;
+    p.pair_permuted = p.k.tile_pair != nullptr;
+    p.xq = (int8_t*)std::malloc((size_t)(M * p.x_stride) + 64);
+    p.dx = (float*)std::malloc(sizeof(float) * (size_t)(M * G * p.nb + M * G));
+    if (!p.xq || !p.dx) { std::free(p.xq); std::free(p.dx); return -2; }
+    p.xsum = p.dx + M * G * p.nb;
 
-#pragma omp parallel for schedule(static) if (M * K >= 65536)
-    for (int64_t m = 0; m < M; ++m)
-        quantize_row((const char*)x + m * K * (dtype == F32 ? 4 : 2), dtype, act_scale, K, G,
-                     group_size, nb, pair_permuted, xq + m * x_stride, dx + m * G * nb, xsum + m * G);
-
-    const int64_t tiles = (N + kRows - 1) / kRows;
-#pragma omp parallel for schedule(static) if (M * N * K >= (1 << 18))
-    for (int64_t t = 0; t < tiles; ++t) {
-        const int64_t n0 = t * kRows;
-        const int rows = (int)(N - n0 < kRows ? N - n0 : kRows);
-        const uint8_t* rows_w[kRows];
-        for (int r = 0; r < kRows; ++r) rows_w[r] = w + (n0 + (r < rows ? r : 0)) * row_bytes;
-        float out[2 * kRows];
-        for (int64_t m = 0; m < M;) {
-            const int mb = (k.tile_pair && m + 1 < M) ? 2 : 1;
-            const int8_t* xm[2] = {xq + m * x_stride, xq + (m + mb - 1) * x_stride};
-            const float* dm[2] = {dx + m * G * nb, dx + (m + mb - 1) * G * nb};
-            const float* sm[2] = {xsum + m * G, xsum + (m + mb - 1) * G};
-            if (mb == 2) {  // out[i * R + r] for R = kRows / 2, then for the second half of the tile
-                if (rows == kRows) {
-                    float half[2][kRows];
-                    k.tile_pair(rows_w, G, nb, xm, dm, sm, half[0]);
-                    k.tile_pair(rows_w + kRows / 2, G, nb, xm, dm, sm, half[1]);
-                    for (int i = 0; i < 2; ++i)
-                        for (int r = 0; r < kRows; ++r) out[i * kRows + r] = half[r / (kRows / 2)][i * (kRows / 2) + r % (kRows / 2)];
-                } else {
-                    for (int r = 0; r < rows; ++r) {
-                        float two[2];
-                        k.one_pair(rows_w + r, G, nb, xm, dm, sm, two);
-                        out[r] = two[0];
-                        out[kRows + r] = two[1];
-                    }
-                }
-            } else if (rows == kRows) {
-                k.tile(rows_w, G, nb, xm, dm, sm, out);
-            } else {
-                for (int r = 0; r < rows; ++r) k.one(rows_w + r, G, nb, xm, dm, sm, out + r);
-            }
-            for (int i = 0; i < mb; ++i)
-                for (int r = 0; r < rows; ++r) {
-                    float v = out[i * kRows + r];
-                    if (bias) v += load_elem(bias, n0 + r, dtype);
-                    store_elem(y, (m + i) * N + n0 + r, dtype, v);
-                }
-            m += mb;
-        }
+    // Small problems stay on this thread, without even entering an OpenMP region.
+    if (M * K >= 65536) {
+#pragma omp parallel for schedule(static)
+        for (int64_t m = 0; m < M; ++m) quantize_rows(p, m);
+    } else {
+        for (int64_t m = 0; m < M; ++m) quantize_rows(p, m);
     }
-    std::free(xq);
-    std::free(dx);
+    const int64_t tiles = (N + kRows - 1) / kRows;
+    if (M * N * K >= (1 << 18)) {
+#pragma omp parallel for schedule(static)
+        for (int64_t t = 0; t < tiles; ++t) run_tile(p, t);
+    } else {
+        for (int64_t t = 0; t < tiles; ++t) run_tile(p, t);
+    }
+    std::free(p.xq);
+    std::free(p.dx);
     return 0;
 }
 

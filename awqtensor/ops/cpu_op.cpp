@@ -53,8 +53,9 @@ at::Tensor int4_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, const
     }
     const int dtype = dtype_code(x.scalar_type());
     const int64_t k = x.size(-1), n = scales.size(0), groups = scales.size(1);
-    const at::Tensor x2 = x.reshape({-1, k}).contiguous();
-    const at::Tensor w = qweight.contiguous();
+    const bool flat = x.dim() == 2 && x.is_contiguous();  // decode's case: no reshape, no view
+    const at::Tensor x2 = flat ? x : x.reshape({-1, k}).contiguous();
+    const at::Tensor w = qweight.is_contiguous() ? qweight : qweight.contiguous();
     at::Tensor act, b;
     if (act_scale) act = act_scale->to(x.scalar_type()).contiguous();
     if (bias) b = bias->to(x.scalar_type()).contiguous();
@@ -66,6 +67,7 @@ at::Tensor int4_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, const
         TORCH_CHECK(rc != -2, "awqtensor CPU kernel: out of memory for its activation buffer");
         TORCH_CHECK(rc == 0, "awqtensor CPU kernel refused the call (code ", rc, ")");
     }
+    if (flat) return y;
     auto shape = x.sizes().vec();
     shape.back() = n;
     return y.view(shape);
