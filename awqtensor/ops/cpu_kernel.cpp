@@ -519,7 +519,7 @@ int awq_cpu_linear(const void* x, int64_t M, int64_t K, int dtype, const uint8_t
         for (int64_t m = 0; m < M; ++m) quantize_rows(p, m);
     }
     const int64_t tiles = (N + kRows - 1) / kRows;
-    if (M * N * K >= (1 << 18)) {
+    if (M * N * K >= (1 << 16)) {
 #pragma omp parallel for schedule(static)
         for (int64_t t = 0; t < tiles; ++t) run_tile(p, t);
     } else {
