@@ -9,8 +9,9 @@
 They are declared with ``torch.library.Library`` (schema, then a kernel per dispatch key)
 rather than the ``custom_op`` decorator: the decorator's Python wrapper costs about 6 us
 a call, as much as the whole CPU kernel on a SmolLM2-sized layer at decode. Neither op
-has a gradient (the weights are frozen); the pure-torch reference serves devices that
-have no kernel of their own.
+has an autograd kernel: ``F.linear`` on an Int4AWQTensor takes an autograd.Function
+when a gradient is wanted (``awqtensor/tensor.py``). Devices with no kernel of their own
+get the Python dispatcher by layout, which ends in the pure-torch reference.
 """
 
 from __future__ import annotations
