@@ -42,6 +42,8 @@ import sys
 
 import torch
 
+from .quant import SYMMETRIC_ZERO
+
 PLAIN = "plain"
 CPU_INT4PACK = "cpu_int4pack"
 TRITON = "triton"
@@ -175,8 +177,6 @@ def _blocks_per_group(group_size: int) -> int:
 
 def to_cpu_blocks(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None) -> torch.Tensor:
     """uint8 codes [N, k_padded] and their canonical scales/zeros -> the "cpu_blocks" bytes."""
-    from .quant import SYMMETRIC_ZERO
-
     n, n_groups = scales.shape
     group_size = codes.shape[1] // n_groups
     nb = _blocks_per_group(group_size)

@@ -197,7 +197,7 @@ class _Int4Linear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias):
-        ctx.weight, ctx.bias_shape = weight, None if bias is None else bias.shape
+        ctx.weight = weight
         return _int4_linear_op(x, weight, bias)
 
     @staticmethod
@@ -205,7 +205,7 @@ class _Int4Linear(torch.autograd.Function):
         grad_x = grad_bias = None
         if ctx.needs_input_grad[0]:
             grad_x = grad @ ctx.weight.dequantize().to(grad.dtype)
-        if ctx.bias_shape is not None and ctx.needs_input_grad[2]:
+        if ctx.needs_input_grad[2]:  # False when there is no bias
             grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0)
         return grad_x, None, grad_bias
 

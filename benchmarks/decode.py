@@ -93,7 +93,7 @@ def main():
             model.forward = torch.compile(model.forward, mode=mode, fullgraph=True)
         tps = tokens_per_s(model, ids, args.new_tokens)
         rows.append({"device": torch.cuda.get_device_name() if device.type == "cuda" else
-                     f"cpu ({platform.machine()}, {args.threads} threads)", "model": args.model,
+                     f"cpu ({platform.machine()} {torch.backends.cpu.get_cpu_capability()}, {args.threads} threads)", "model": args.model,
                      "dtype": str(dtype).removeprefix("torch."), "variant": variant, "tokens_per_s": tps,
                      "new_tokens": args.new_tokens, **provenance()})
         print(f"{variant:<22} {tps:8.2f} tok/s", flush=True)
