@@ -20,8 +20,9 @@ def group_slices(k: int, group_size: int):
     return [slice(start, min(start + group_size, k)) for start in range(0, k, group_size)]
 
 
-def dequantize(t) -> np.ndarray:
-    """float64 [N, K] weight an Int4AWQTensor stands for, computed from its canonical fields."""
+def dequantize(t, with_act_scale: bool = True) -> np.ndarray:
+    """float64 [N, K] weight an Int4AWQTensor stands for, computed from its canonical fields
+    (``with_act_scale=False``: without the per-input-channel activation scale folded in)."""
 
     n, k = t.shape
     plain = t.plain_qweight()
@@ -31,7 +32,7 @@ def dequantize(t) -> np.ndarray:
     w = np.empty((n, k))
     for g, cols in enumerate(group_slices(k, t.group_size)):
         w[:, cols] = (codes[:, cols] - zeros[:, g : g + 1]) * scales[:, g : g + 1]
-    if t.act_scale is not None:
+    if t.act_scale is not None and with_act_scale:
         w = w * t.act_scale.double().cpu().numpy()[None, :]
     return w
 
@@ -88,4 +89,15 @@ def q8_linear(x: torch.Tensor, t, bias: torch.Tensor | None = None) -> torch.Ten
     if t.act_scale is not None:  # already applied to the activations
         w = w / t.act_scale.double().numpy()[None, :]
     y = torch.from_numpy(xq @ w.T)
+    return y if bias is None else y + bias.double()
+
+
+def bf16_linear(x: torch.Tensor, t, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """float64 model of the CPU op's large-M route: ``x * act_scale`` (in x's dtype) and the
+    weight rounded to bf16, then products and sums in float64. The route's fp32 sum and the
+    bf16 rounding of its result are left to the caller's tolerance."""
+    xs = x * t.act_scale.to(x.dtype) if t.act_scale is not None else x
+    xb = xs.to(torch.bfloat16).double()
+    wb = torch.from_numpy(dequantize(t, with_act_scale=False)).float().to(torch.bfloat16).double()
+    y = xb @ wb.T
     return y if bias is None else y + bias.double()

@@ -205,6 +205,98 @@ def test_disable_and_bad_isa(monkeypatch):
         F.linear(torch.randn(1, 64), t)
 
 
+# ---- dequantization and the large-M route (dequantize to bf16, torch's matmul) ----
+
+@pytest.mark.parametrize("n,k,group_size", CASES)
+def test_dequantize_matches_float64(n, k, group_size, monkeypatch):
+    """Every path gives the same bits; fp32 is the weight up to fp32 rounding (of scale *
+    zero, up to 15 scales: 1e-6 of the largest weight), bf16 within half a bf16 step
+    (2^-8 relative) more."""
+    t = weight(n, k, torch.float32, group_size, zero_point=n % 2 == 1, seed=n + k)
+    exact = torch.from_numpy(reference.dequantize(t))
+    for dtype, bound in ((torch.float32, 0.0), (torch.bfloat16, 2.0 ** -8)):
+        outputs = {}
+        for name in ISAS:
+            monkeypatch.setenv("AWQTENSOR_CPU_ISA", name)
+            outputs[name] = cpu_kernel.dequantize(t.qweight, t.scales.shape[1], t.group_size, (n, k), dtype)
+        for name, w in outputs.items():
+            assert torch.equal(w, outputs["scalar"]), name
+        w = outputs["scalar"]
+        assert w.dtype == dtype and w.shape == (n, k)
+        assert ((w.double() - exact).abs() <= bound * exact.abs() + 1e-6 * exact.abs().max()).all(), dtype
+
+
+@pytest.fixture
+def dense_route_everywhere():
+    """The bf16 route from M = 2 and any size, whatever this CPU's bf16 speed."""
+    old = cpu_kernel.dense_route(2, 0)
+    yield
+    cpu_kernel.dense_route(**old)
+
+
+def test_dense_route_default_follows_the_cpu():
+    expected = cpu_kernel.DENSE_MIN_M if cpu_kernel.fast_bf16_matmul() else None
+    assert cpu_kernel._dense["min_m"] == expected
+    if expected is not None and cpu_kernel.binding():
+        assert cpu_kernel.dense_unsuitable(1, 4096, 4096) is not None  # decode stays on the int8 kernel
+        assert cpu_kernel.dense_unsuitable(15, 4096, 4096) is not None
+        assert cpu_kernel.dense_unsuitable(128, 4096, 4096) is None
+        assert cpu_kernel.dense_unsuitable(16, 192, 576) is not None  # too small to pay torch's setup
+
+
+@pytest.mark.skipif(not ISAS or not cpu_kernel.binding(), reason="the bf16 route lives in the C++ op")
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("chunk", [1 << 24, 1000])  # the weight in one piece; in several, the last one short
+def test_dense_route_matches_float64_bf16_model(dense_route_everywhere, dtype, chunk):
+    cpu_kernel.dense_route(2, 0, chunk)
+    for (n, k, group_size), (zero_point, act_scale) in zip(CASES, [(True, False), (False, True), (True, True)] * 3):
+        t = weight(n, k, dtype, group_size, zero_point, act_scale, seed=n * k + 1)
+        bias = torch.randn(n, dtype=dtype)
+        x = activations(20, k, dtype, seed=n + 2)
+        assert cpu_kernel.dense_unsuitable(20, n, k) is None
+        for b in (None, bias):
+            y = F.linear(x, t, b)
+            assert y.dtype == dtype and y.shape == (20, n)
+            # bf16 rounding of the result (2^-8) on top of the fp32 sum
+            assert max_rel_err(y, reference.bf16_linear(x, t, b)) < max(6e-3, TOLERANCE[dtype]), (n, k, group_size)
+            int8 = cpu_kernel.linear(x, t.qweight, t.scales.shape[1], t.group_size, t.act_scale, b, n)
+            assert not torch.equal(y, int8)  # the route ran, not the kernel
+        y3 = F.linear(x.reshape(4, 5, k), t, bias)  # leading dimensions
+        assert torch.equal(y3.reshape(20, n), F.linear(x, t, bias))
+        one = F.linear(x[:1], t, bias)  # below the route's M: the int8 kernel
+        assert torch.equal(one, cpu_kernel.linear(x[:1], t.qweight, t.scales.shape[1], t.group_size, t.act_scale, bias, n))
+
+
+@pytest.mark.skipif(not ISAS or not cpu_kernel.binding(), reason="the bf16 route lives in the C++ op")
+def test_dense_route_can_be_turned_off(dense_route_everywhere, monkeypatch):
+    t = weight(24, 192, torch.float32, 64, act_scale=True, seed=18)
+    x = activations(32, 192, torch.float32, seed=19)
+    int8 = cpu_kernel.linear(x, t.qweight, t.scales.shape[1], t.group_size, t.act_scale, None, 24)
+    assert not torch.equal(F.linear(x, t), int8)
+    monkeypatch.setenv("AWQTENSOR_DISABLE", "cpu_dense_bf16")
+    assert "AWQTENSOR_DISABLE" in cpu_kernel.dense_unsuitable(32, 24, 192)
+    assert torch.equal(F.linear(x, t), int8)
+    monkeypatch.delenv("AWQTENSOR_DISABLE")
+    cpu_kernel.dense_route(None)
+    assert cpu_kernel.dense_unsuitable(32, 24, 192) is not None
+    assert torch.equal(F.linear(x, t), int8)
+    with pytest.raises(ValueError, match="chunk"):
+        cpu_kernel.dense_route(2, 0, chunk=0)
+
+
+@pytest.mark.skipif(not ISAS or not cpu_kernel.binding(), reason="the bf16 route lives in the C++ op")
+def test_dense_route_under_compile_and_opcheck(dense_route_everywhere):
+    t = weight(32, 128, torch.float32, 64, act_scale=True, seed=20)
+    linear = torch.nn.Linear(128, 32, bias=True)
+    linear.weight = torch.nn.Parameter(t, requires_grad=False)
+    x = activations(24, 128, torch.float32, seed=21)
+    compiled = torch.compile(linear, fullgraph=True, backend="inductor")
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), linear(x), rtol=0, atol=0)
+    torch.library.opcheck(torch.ops.awqtensor.int4_linear.default,
+                          (x, t.qweight, t.scales, t.zeros, t.act_scale, linear.bias.detach(), t.group_size, t.packing_format))
+
+
 # ---- ARM64 (NEON, dotprod) under qemu: the same source, cross-compiled ----
 
 CROSS = shutil.which("aarch64-linux-gnu-g++")

@@ -7,6 +7,9 @@ whenever it builds, else torch's int4 kernel, else the canonical layout. For the
 
 * ``cpu_blocks``: awqtensor's kernel, int8 activations x int4 weights. Every M, dtype and
   group size; several times faster than the dense fp32 matmul at decode (``benchmarks/cpu_linear.py``).
+  (The C++ op sends large calls on CPUs with native bf16 matmuls to a dequantize + bf16
+  matmul route instead, see ``cpu_kernel.dense_unsuitable``; this Python path is the
+  ctypes build's, and has only the kernel.)
 * otherwise (disabled after the weight was packed) the pure-torch reference.
 
 For the ``cpu_int4pack`` layout, two candidates, tried in order; each says why it cannot serve a call:

@@ -17,6 +17,7 @@
 // Every output element is computed by the same instruction sequence whatever M, N or
 // the thread count: results are batch invariant, bit for bit.
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
@@ -376,6 +377,85 @@ AWQ_ROWS_ARM(rows_neon, , dot16_neon)
 AWQ_ROWS_ARM(rows_dotprod, __attribute__((target("arch=armv8.2-a+dotprod"))), dot16_dotprod)
 #endif  // AWQ_ARM
 
+// ---- dequantization: rows of W to a dense [N, K] matrix (fp32 or bf16) ----
+// w = fma(scale, q, -scale * zero): one rounding, the same on every path.
+
+// The first `count` columns of one group (header and blocks) to out[at, at + count).
+static void dequantize_group_scalar(const uint8_t* group, int64_t count, int dtype, void* out, int64_t at) {
+    float scale, scaled_zero;
+    group_header(group, &scale, &scaled_zero);
+    for (int64_t j = 0; j < count; ++j) {
+        const uint8_t byte = group[8 + (j / 32) * 16 + j % 16];
+        const int q = (j % 32) < 16 ? (byte & 15) : (byte >> 4);
+        store_elem(out, at + j, dtype, std::fmaf(scale, (float)q, -scaled_zero));
+    }
+}
+
+static int64_t group_columns(int64_t g, int64_t K, int64_t group_size) {  // the last group may be cut by K
+    return std::min(group_size, K - g * group_size);
+}
+
+static void dequantize_row_scalar(const uint8_t* row, int64_t K, int64_t G, int64_t group_size, int64_t nb,
+                                  int dtype, void* out, int64_t offset) {
+    for (int64_t g = 0; g < G; ++g)
+        dequantize_group_scalar(row + g * (8 + 16 * nb), group_columns(g, K, group_size), dtype, out,
+                                offset + g * group_size);
+}
+
+#if AWQ_X86
+// 8 fp32 -> 8 bf16 in the low halves of 32-bit lanes, rounded to nearest even (weights are finite)
+AWQ_AVX2 static inline __m256i f32x8_to_bf16_lanes(__m256 v) {
+    const __m256i u = _mm256_castps_si256(v);
+    const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+    return _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7fff))), 16);
+}
+
+AWQ_AVX2 static void dequantize_row_avx2(const uint8_t* row, int64_t K, int64_t G, int64_t group_size, int64_t nb,
+                                         int dtype, void* out, int64_t offset) {
+    const int64_t group_bytes = 8 + 16 * nb;
+    const __m128i mask = _mm_set1_epi8(0x0f);
+    for (int64_t g = 0; g < G; ++g) {
+        const int64_t start = g * group_size;
+        if (start + nb * 32 > K || group_size % 32) {  // a group cut by K, or not whole blocks
+            dequantize_group_scalar(row + g * group_bytes, group_columns(g, K, group_size), dtype, out, offset + start);
+            continue;
+        }
+        float scale, scaled_zero;
+        group_header(row + g * group_bytes, &scale, &scaled_zero);
+        const __m256 s = _mm256_set1_ps(scale), sz = _mm256_set1_ps(scaled_zero);
+        if (dtype == F32) {
+            for (int64_t b = 0; b < nb; ++b) {
+                const __m128i v = _mm_loadu_si128((const __m128i*)(row + g * group_bytes + 8 + 16 * b));
+                const __m128i half[2] = {_mm_and_si128(v, mask), _mm_and_si128(_mm_srli_epi16(v, 4), mask)};
+                for (int j = 0; j < 4; ++j) {  // columns 8j .. 8j + 7 of the block
+                    const __m128i bytes = j & 1 ? _mm_srli_si128(half[j / 2], 8) : half[j / 2];
+                    _mm256_storeu_ps((float*)out + offset + start + 32 * b + 8 * j,
+                                     _mm256_fmsub_ps(s, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(bytes)), sz));
+                }
+            }
+            continue;
+        }
+        // bf16: the group's 16 possible values, their low and high bytes looked up by code
+        const __m256i r0 = f32x8_to_bf16_lanes(_mm256_fmsub_ps(s, _mm256_setr_ps(0, 1, 2, 3, 4, 5, 6, 7), sz));
+        const __m256i r1 = f32x8_to_bf16_lanes(_mm256_fmsub_ps(s, _mm256_setr_ps(8, 9, 10, 11, 12, 13, 14, 15), sz));
+        const __m256i values = _mm256_permute4x64_epi64(_mm256_packus_epi32(r0, r1), 0xd8);  // 16 x u16, in order
+        const __m256i split = _mm256_permute4x64_epi64(_mm256_shuffle_epi8(values, _mm256_setr_epi8(
+            0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15, 0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15)), 0xd8);
+        const __m256i low = _mm256_broadcastsi128_si256(_mm256_castsi256_si128(split));
+        const __m256i high = _mm256_broadcastsi128_si256(_mm256_extracti128_si256(split, 1));
+        for (int64_t b = 0; b < nb; ++b) {
+            const __m128i v = _mm_loadu_si128((const __m128i*)(row + g * group_bytes + 8 + 16 * b));
+            const __m256i codes = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(v, 4), mask), _mm_and_si128(v, mask));
+            const __m256i lo = _mm256_shuffle_epi8(low, codes), hi = _mm256_shuffle_epi8(high, codes);
+            const __m256i a = _mm256_unpacklo_epi8(lo, hi), c = _mm256_unpackhi_epi8(lo, hi);  // columns 0-7|16-23, 8-15|24-31
+            uint16_t* dst = (uint16_t*)out + offset + start + 32 * b;
+            _mm256_storeu_si256((__m256i*)dst, _mm256_permute2x128_si256(a, c, 0x20));
+            _mm256_storeu_si256((__m256i*)(dst + 16), _mm256_permute2x128_si256(a, c, 0x31));
+        }
+    }
+}
+#endif
+
 typedef void (*RowsFn)(const uint8_t* const*, int64_t, int64_t, const int8_t* const*, const float* const*,
                        const float* const*, float*);
 
@@ -527,6 +607,21 @@ int awq_cpu_linear(const void* x, int64_t M, int64_t K, int dtype, const uint8_t
     }
     std::free(p.xq);
     std::free(p.dx);
+    return 0;
+}
+
+// out[N, K] (fp32 or bf16 per dtype; F16 is refused) = the weight W stands for. Returns 0,
+// or -1 for an unknown isa/dtype.
+int awq_cpu_dequantize(const uint8_t* w, int64_t N, int64_t K, int64_t G, int64_t group_size, int dtype,
+                       void* out, int isa) {
+    if ((dtype != F32 && dtype != BF16) || !awq_cpu_isa_supported(isa)) return -1;
+    const int64_t nb = (group_size + 31) / 32, row_bytes = G * (8 + 16 * nb);
+    void (*row_fn)(const uint8_t*, int64_t, int64_t, int64_t, int64_t, int, void*, int64_t) = dequantize_row_scalar;
+#if AWQ_X86
+    if (isa == AVX2 || isa == AVX2_VNNI) row_fn = dequantize_row_avx2;
+#endif
+#pragma omp parallel for schedule(static) if (N * K >= (1 << 16))
+    for (int64_t n = 0; n < N; ++n) row_fn(w + n * row_bytes, K, G, group_size, nb, dtype, out, n * K);
     return 0;
 }
 

@@ -19,6 +19,14 @@ torch's int4 layout. ``AWQTENSOR_DISABLE=cpu_blocks`` turns the kernel off;
 
 Accuracy: int8 activations add a relative error of about 0.6% to the outputs (1% with
 outlier channels; ``tests/test_cpu_kernel.py``); perplexity moves by under 0.1 (README).
+
+Large M (prefill) on CPUs with native bf16 matmuls (AVX512-BF16 or AMX, as torch detects
+them): from ``DENSE_MIN_M`` rows and ``DENSE_MIN_MACS`` multiply-adds the C++ op
+dequantizes the weight to bf16 (chunks of at most 32 MiB, into a buffer each thread keeps)
+and runs torch's bf16 matmul instead (``dense_linear`` in cpu_op.cpp; not in the ctypes
+build): on our AMX Xeon that is 3x the int8 kernel at M = 128 (``benchmarks/cpu_linear.py``).
+Its outputs carry bf16 rounding (activations, weights and result; fp32 accumulation).
+``dense_route(None)`` or ``AWQTENSOR_DISABLE=cpu_dense_bf16`` turns it off.
 """
 
 from __future__ import annotations
@@ -45,6 +53,13 @@ PREFERENCE = ("avx2_vnni", "avx2", "neon_dotprod", "neon", "scalar")  # fastest 
 DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 # no FMA contraction of scalar code: every output takes one rounding sequence, whatever the
 # tile shape that computed it (batch invariance)
+# The large-M route (dense_linear): from this many rows and multiply-adds, on CPUs with native
+# bf16 matmuls. Measured on a 2-core AMX Xeon (benchmarks/cpu_linear.py): below M = 16 the
+# int8 kernel wins at every shape; above, the route wins once the call is big enough that
+# torch's matmul setup (~50 us) is paid back (SmolLM2's k/v from M = 64, its MLP from M = 16).
+DENSE_MIN_M = 16
+DENSE_MIN_MACS = 6_000_000
+DENSE_CHUNK = 1 << 24  # weight elements dequantized at a time (32 MiB of bf16), a buffer kept per thread
 FLAGS = ["-O3", "-std=c++17", "-fPIC", "-shared", "-fno-math-errno", "-ffp-contract=off"]
 
 
@@ -110,7 +125,9 @@ def _load_binding(compiler: str) -> ctypes.CDLL | None:
         if not _binding_loaded:
             torch.ops.load_library(str(path))
             _binding_loaded.append(path)
-        return ctypes.CDLL(str(path))
+        lib = ctypes.CDLL(str(path))
+        lib.awq_cpu_set_dense_route.argtypes = [ctypes.c_int64] * 3
+        return lib
     except (OSError, RuntimeError, subprocess.SubprocessError):
         return None
 
@@ -132,8 +149,12 @@ def _load() -> tuple[ctypes.CDLL | None, str | None]:
     p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     lib.awq_cpu_linear.argtypes = [p, i64, i64, i32, p, i64, i64, i64, p, p, p, i32]
     lib.awq_cpu_linear.restype = i32
+    lib.awq_cpu_dequantize.argtypes = [p, i64, i64, i64, i64, i32, p, i32]
+    lib.awq_cpu_dequantize.restype = i32
     lib.awq_cpu_isa_supported.argtypes = [i32]
     lib.awq_cpu_isa_supported.restype = i32
+    if hasattr(lib, "awq_cpu_set_dense_route"):  # the C++ op hands large calls to dense_linear
+        lib.awq_cpu_set_dense_route(*_dense_thresholds())
     return lib, None
 
 
@@ -194,3 +215,59 @@ def linear(x: torch.Tensor, qweight: torch.Tensor, n_groups: int, group_size: in
             raise MemoryError("awqtensor CPU kernel: out of memory for its activation buffer") if rc == -2 \
                 else RuntimeError(f"awqtensor CPU kernel refused the call (code {rc})")
     return y if x.dim() == 2 else y.reshape(*x.shape[:-1], out_features)
+
+
+def dequantize(qweight: torch.Tensor, n_groups: int, group_size: int, shape: tuple[int, int],
+               dtype: torch.dtype) -> torch.Tensor:
+    """The dense [N, K] weight a "cpu_blocks" ``qweight`` stands for, in fp32 or bf16."""
+    n, k = shape
+    out = torch.empty(n, k, dtype=dtype)
+    if not qweight.is_contiguous():
+        qweight = qweight.contiguous()
+    rc = _load()[0].awq_cpu_dequantize(qweight.data_ptr(), n, k, n_groups, group_size, DTYPES[dtype],
+                                       out.data_ptr(), _isa_code(os.environ.get("AWQTENSOR_CPU_ISA")))
+    if rc:
+        raise ValueError(f"awqtensor CPU kernel: cannot dequantize to {dtype} (fp32 or bf16 only)")
+    return out
+
+
+def fast_bf16_matmul() -> bool:
+    """Whether this CPU multiplies bf16 natively (AVX512-BF16 or AMX, as torch detects them)."""
+    cpu = torch.cpu
+    return any(getattr(cpu, name, lambda: False)() for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"))
+
+
+_dense = {"min_m": DENSE_MIN_M if fast_bf16_matmul() else None, "min_macs": DENSE_MIN_MACS, "chunk": DENSE_CHUNK}
+
+
+def _dense_thresholds() -> tuple[int, int, int]:
+    """(min M, min multiply-adds, chunk elements) for the C++ op; M = 0 means never."""
+    return (_dense["min_m"] or 0, _dense["min_macs"], _dense["chunk"])
+
+
+def dense_route(min_m: int | None, min_macs: int = DENSE_MIN_MACS, chunk: int = DENSE_CHUNK) -> dict:
+    """From which call size the C++ op's bf16 route serves "cpu_blocks" weights: ``min_m``
+    rows and ``min_macs`` multiply-adds (``min_m=None``: never), dequantizing ``chunk``
+    weight elements at a time. The default is on where the CPU has native bf16 matmuls
+    (``fast_bf16_matmul``). Returns the previous settings (``dense_route(**old)`` restores)."""
+    if chunk < 1:
+        raise ValueError(f"chunk must be at least 1 element, got {chunk}")
+    old = dict(_dense)
+    _dense.update(min_m=min_m, min_macs=min_macs, chunk=chunk)
+    lib = _load()[0]
+    if lib is not None and hasattr(lib, "awq_cpu_set_dense_route"):
+        lib.awq_cpu_set_dense_route(*_dense_thresholds())
+    return old
+
+
+def dense_unsuitable(m: int, n: int, k: int) -> str | None:
+    """Why the C++ op would not take the bf16 route for an [m, k] x [n, k] call, or None."""
+    if not binding():
+        return "the bf16 route lives in the C++ op, which is not built here (ctypes mode)"
+    if "cpu_dense_bf16" in os.environ.get("AWQTENSOR_DISABLE", "").split(","):
+        return "disabled by AWQTENSOR_DISABLE=cpu_dense_bf16"
+    if _dense["min_m"] is None:
+        return "off: no native bf16 matmul on this CPU" if not fast_bf16_matmul() else "off (dense_route(None))"
+    if m < _dense["min_m"] or m * n * k < _dense["min_macs"]:
+        return f"M={m}, {m * n * k} multiply-adds: below {_dense['min_m']} rows or {_dense['min_macs']}"
+    return None
