@@ -16,14 +16,15 @@ M = 1, 4, 16, 64, 128, 512; group size 64. Implementations, all called as
 
 Each is timed twice: ``hot``, the same weight every call (a small one then sits in the
 CPU's caches, which flatters the dense matmul), and ``cold``, cycling through copies that
-together exceed the last-level cache, as the layers of a model do. Speedups are against
-``dense fp32`` in the same cache state.
+together take twice the last-level cache, as the layers of a large model do. Speedups are
+against ``dense fp32`` in the same cache state. The ``route`` column says whether
+awqtensor's call ran the int8 kernel or, for large M on CPUs with native bf16 matmuls,
+dequantize + bf16 matmul (``cpu_kernel.dense_unsuitable``).
 """
 
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -33,13 +34,12 @@ import torch.nn.functional as F
 
 from awqtensor import Int4AWQTensor, packing
 from awqtensor.ops import cpu_kernel
-from common import provenance, write_csv
+from common import cpu_device, provenance, slug, write_csv
 
 SHAPES = {"4096x4096": (4096, 4096), "smol q/o": (576, 576), "smol k/v": (192, 576),
           "smol gate/up": (1536, 576), "smol down": (576, 1536),
           "smol qkv fused": (960, 576), "smol gate_up fused": (3072, 576)}  # what fuse_ makes of them
 MS = (1, 4, 16, 64, 128, 512)
-COLD_BYTES = 96 << 20  # more than the last-level cache of the machines we run on
 
 
 def median_ms(fn, min_time: float) -> float:
@@ -73,10 +73,24 @@ def weights(n: int, k: int, group_size: int) -> dict[str, tuple[torch.Tensor, to
             "awqtensor bf16": (ours.to(torch.bfloat16), torch.bfloat16)}
 
 
-def time_impl(weight, x, cold: bool, min_time: float) -> float:
-    if not cold:
+def last_level_cache_bytes() -> int:
+    for path in sorted(Path("/sys/devices/system/cpu/cpu0/cache").glob("index*")):
+        if (path / "level").read_text().strip() == "3":
+            size = (path / "size").read_text().strip()  # e.g. "32768K"
+            return int(size[:-1]) << {"K": 10, "M": 20}[size[-1]] if size[-1] in "KM" else int(size)
+    return 0
+
+
+COLD_BYTES = max(96 << 20, 2 * last_level_cache_bytes())  # copies cycled through: twice the last-level cache
+
+
+def cold_copies(weight) -> list:
+    return [weight] + [weight.clone() for _ in range(max(1, COLD_BYTES // nbytes(weight)) - 1)]
+
+
+def time_impl(weight, x, copies: list | None, min_time: float) -> float:
+    if copies is None:
         return median_ms(lambda: F.linear(x, weight), min_time)
-    copies = [weight] + [weight.clone() for _ in range(max(1, COLD_BYTES // nbytes(weight)) - 1)]
     state = {"i": 0}
 
     def step():
@@ -92,14 +106,13 @@ def main():
     parser.add_argument("--group-size", type=int, default=64)
     parser.add_argument("--min-time", type=float, default=0.3, help="seconds per measurement")
     parser.add_argument("--quick", action="store_true", help="two shapes, M = 1 and 128")
-    parser.add_argument("--csv", default="benchmarks/results/cpu_linear.csv")
+    parser.add_argument("--csv", help="default: benchmarks/results/cpu_linear_<device>.csv")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     shapes = {k: SHAPES[k] for k in ("4096x4096", "smol gate/up")} if args.quick else SHAPES
     ms = (1, 128) if args.quick else MS
-    device = (f"cpu {platform.processor() or platform.machine()} ({torch.backends.cpu.get_cpu_capability()}, "
-              f"kernel isa {cpu_kernel.isa()}) x{args.threads}")
+    device = f"{cpu_device(args.threads)}, kernel isa {cpu_kernel.isa()}"
     print(f"{device}, torch {torch.__version__}, group size {args.group_size}")
     header = f"{'shape':<18} {'cache':<5} {'M':>4} " + " ".join(f"{name:>16}" for name in
                                                                weights(16, 64, 32)) + "   ms, then speedup vs dense fp32"
@@ -108,20 +121,29 @@ def main():
     with torch.no_grad():
         for name, (n, k) in shapes.items():
             impls = weights(n, k, args.group_size)
+            xs = {m: torch.randn(m, k) for m in ms}
             for cold in (False, True):
+                times = {m: {} for m in ms}
+                for impl, (w, dtype) in impls.items():  # one implementation's copies in memory at a time
+                    copies = cold_copies(w) if cold else None
+                    for m in ms:
+                        times[m][impl] = time_impl(w, xs[m].to(dtype), copies, args.min_time)
+                    del copies
                 for m in ms:
-                    x = torch.randn(m, k)
-                    times = {impl: time_impl(w, x.to(dtype), cold, args.min_time) for impl, (w, dtype) in impls.items()}
-                    base = times["dense fp32"]
-                    for impl, ms_ in times.items():
+                    base = times[m]["dense fp32"]
+                    for impl, ms_ in times[m].items():
                         w = impls[impl][0]
+                        route = ""
+                        if impl.startswith("awqtensor"):
+                            route = "int8 kernel" if cpu_kernel.dense_unsuitable(m, n, k) else "bf16 dense route"
                         rows.append({"shape": name, "N": n, "K": k, "M": m, "cache": "cold" if cold else "hot",
                                      "impl": impl, "ms": round(ms_, 4), "weight_GBps": round(nbytes(w) / ms_ / 1e6, 2),
                                      "GFLOPs": round(2 * m * n * k / ms_ / 1e6, 2), "speedup": round(base / ms_, 3),
-                                     "group_size": args.group_size, "device": device, **provenance()})
+                                     "route": route, "group_size": args.group_size, "device": device, **provenance()})
                     print(f"{name:<18} {'cold' if cold else 'hot':<5} {m:>4} "
-                          + " ".join(f"{t:>8.3f} {base / t:>6.2f}x" for t in times.values()), flush=True)
-    print(f"wrote {write_csv(Path(args.csv), rows)}")
+                          + " ".join(f"{t:>8.3f} {base / t:>6.2f}x" for t in times[m].values()), flush=True)
+    path = Path(args.csv or f"benchmarks/results/cpu_linear_{slug(cpu_device(args.threads))}.csv")
+    print(f"wrote {write_csv(path, rows)}")
 
 
 if __name__ == "__main__":

@@ -15,15 +15,13 @@ from __future__ import annotations
 
 import argparse
 import copy
-import platform
-import re
 import time
 from pathlib import Path
 
 import torch
 
 from awqtensor import fuse_, quantize_, rtn_config
-from common import provenance, write_csv
+from common import cpu_device, provenance, slug, write_csv
 
 SHAPES = {  # Llama-3.2-1B and Llama-3-8B
     "llama-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
@@ -93,7 +91,7 @@ def main():
             model.forward = torch.compile(model.forward, mode=mode, fullgraph=True)
         tps = tokens_per_s(model, ids, args.new_tokens)
         rows.append({"device": torch.cuda.get_device_name() if device.type == "cuda" else
-                     f"cpu ({platform.machine()} {torch.backends.cpu.get_cpu_capability()}, {args.threads} threads)", "model": args.model,
+                     cpu_device(args.threads), "model": args.model,
                      "dtype": str(dtype).removeprefix("torch."), "variant": variant, "tokens_per_s": tps,
                      "new_tokens": args.new_tokens, **provenance()})
         print(f"{variant:<22} {tps:8.2f} tok/s", flush=True)
@@ -103,8 +101,7 @@ def main():
     reference = next((r["tokens_per_s"] for r in rows if r["variant"] == "dense compiled"), rows[0]["tokens_per_s"])
     for r in rows:
         r["speedup"] = r["tokens_per_s"] / reference
-    slug = re.sub(r"[^A-Za-z0-9]+", "_", rows[0]["device"]).strip("_")
-    path = write_csv(Path(args.out) / f"decode_{args.model}_{slug}.csv", rows)
+    path = write_csv(Path(args.out) / f"decode_{args.model}_{slug(rows[0]['device'])}.csv", rows)
     print(f"\n{'variant':<22} {'tok/s':>8} {'speedup vs dense compiled':>26}")
     for r in rows:
         print(f"{r['variant']:<22} {r['tokens_per_s']:8.2f} {r['speedup']:26.2f}")

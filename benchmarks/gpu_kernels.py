@@ -18,14 +18,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 from pathlib import Path
 
 import torch
 
 from awqtensor import Int4AWQTensor, packing
 from awqtensor.ops import gpu, triton_kernels, tuning
-from common import provenance, write_csv
+from common import provenance, slug, write_csv
 
 SHAPES = {"q/o 4096x4096": (4096, 4096), "qkv 6144x4096": (6144, 4096),
           "gate/up 28672x4096": (28672, 4096), "down 4096x14336": (4096, 14336)}
@@ -115,8 +114,7 @@ def main():
                              "chosen": gpu.choose(m, device) if "auto" in method else "", **provenance()})
             best = {r["method"]: r["speedup"] for r in rows[-len(times):]}
             print(f"{shape:<20} M={m:<5} " + "  ".join(f"{k_}: {v:.2f}x" for k_, v in best.items()), flush=True)
-    slug = re.sub(r"[^A-Za-z0-9]+", "_", name).strip("_")
-    csv_path = write_csv(Path(args.out) / f"gpu_kernels_{slug}.csv", rows)
+    csv_path = write_csv(Path(args.out) / f"gpu_kernels_{slug(name)}.csv", rows)
     print(f"wrote {csv_path}")
     try:
         import matplotlib

@@ -20,7 +20,6 @@ import argparse
 import csv
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
@@ -32,7 +31,7 @@ import torch
 from awqtensor import awq_config, evaluation, load_autoawq, quantize_, rtn_config, smollm2
 from awqtensor.calibration import calibrate
 from awqtensor.api import select_linears
-from common import provenance
+from common import cpu_device, provenance
 
 METHODS = ("float", "rtn", "awq", "autoawq", "awq-two-step", "awq-float-propagation", "awq-noclip")
 
@@ -113,8 +112,7 @@ def main():
         print(f"{r['method']:<24} ppl {r['ppl']:.2f}  quantize {r['quantize_s']:.1f} s  "
               f"peak RSS {r['quantize_peak_rss_mb']:.0f} MB  eval {r['eval_s']:.1f} s", flush=True)
 
-    device = (f"cpu ({platform.processor() or platform.machine()} {torch.backends.cpu.get_cpu_capability()}, "
-              f"{args.threads} threads)")
+    device = cpu_device(args.threads)
     matmul = "awqtensor's CPU kernel (int8 activations)" if args.cpu_kernel else "exact matmuls"
     print(f"\nSmolLM2-135M-Instruct fp32, int4 asymmetric g{args.group_size}, {matmul}; calibration "
           f"{args.calib_blocks} x {args.seq_len} tokens of {args.calib_text}; evaluation {args.windows} x "

@@ -262,6 +262,7 @@ AWQ_AVX2_VNNI static inline __m256i dot_pair_vnni(__m256i lo, __m256i x1, __m256
     TARGET static void NAME(const uint8_t* const* w, int64_t G, int64_t nb, const int8_t* const* xq, \
                             const float* const* dx, const float* const* xsum, float* out) {      \
         const int64_t group_bytes = 8 + 16 * nb;                                                 \
+        const int64_t ahead = kRows * G * group_bytes; /* the same bytes of the next tile's rows */ \
         const __m256i mask = _mm256_set1_epi8(0x0f);                                             \
         __m256 acc[MB][R];                                                                       \
         float corr[MB][R];                                                                       \
@@ -279,8 +280,9 @@ AWQ_AVX2_VNNI static inline __m256i dot_pair_vnni(__m256i lo, __m256i x1, __m256
                     d[i] = _mm256_set_m128(_mm_set1_ps(dg[1]), _mm_set1_ps(dg[0]));              \
                 }                                                                                \
                 for (int r = 0; r < R; ++r) {                                                    \
-                    const __m256i v = _mm256_loadu_si256(                                        \
-                        (const __m256i*)(w[r] + g * group_bytes + 8 + 16 * b));                  \
+                    const uint8_t* at = w[r] + g * group_bytes + 8 + 16 * b;                     \
+                    _mm_prefetch((const char*)(at + ahead), _MM_HINT_T0);                         \
+                    const __m256i v = _mm256_loadu_si256((const __m256i*)at);                    \
                     const __m256i lo = _mm256_and_si256(v, mask);                                \
                     const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);          \
                     for (int i = 0; i < MB; ++i) {                                               \
