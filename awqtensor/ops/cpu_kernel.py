@@ -53,12 +53,12 @@ PREFERENCE = ("avx2_vnni", "avx2", "neon_dotprod", "neon", "scalar")  # fastest 
 DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 # no FMA contraction of scalar code: every output takes one rounding sequence, whatever the
 # tile shape that computed it (batch invariance)
-# The large-M route (dense_linear): from this many rows and multiply-adds, on CPUs with native
-# bf16 matmuls. Measured on a 2-core AMX Xeon (benchmarks/cpu_linear.py): below M = 16 the
-# int8 kernel wins at every shape; above, the route wins once the call is big enough that
-# torch's matmul setup (~50 us) is paid back (SmolLM2's k/v from M = 64, its MLP from M = 16).
+# The large-M route: from this many rows and multiply-adds, on CPUs with native bf16
+# matmuls. Measured on a 2-core AMX Xeon (int8 kernel against the route, SmolLM2's shapes
+# and 4096x4096): at M = 8 the kernel wins everywhere; from M = 16 the route wins once a
+# call has ~3M multiply-adds to pay for torch's matmul setup (k/v 192x576 from M = 32).
 DENSE_MIN_M = 16
-DENSE_MIN_MACS = 6_000_000
+DENSE_MIN_MACS = 3_000_000
 DENSE_CHUNK = 1 << 24  # weight elements dequantized at a time (32 MiB of bf16), a buffer kept per thread
 FLAGS = ["-O3", "-std=c++17", "-fPIC", "-shared", "-fno-math-errno", "-ffp-contract=off"]
 
