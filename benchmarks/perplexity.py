@@ -4,8 +4,11 @@ runs in its own process so its peak RSS is its own. Prints a table, writes CSV.
 
     python benchmarks/perplexity.py --group-size 64 --methods float rtn awq
 
-Weights are evaluated with exact matmuls; ``--cpu-kernel`` evaluates them with
-awqtensor's CPU kernel instead (int8 activations), into ``perplexity_g{G}_cpu_kernel.csv``.
+Weights are evaluated with exact matmuls; ``--cpu-kernel`` evaluates them through
+awqtensor's CPU op as a model runs it, into ``perplexity_g{G}_cpu_kernel.csv``: the int8
+kernel, except that on CPUs with native bf16 matmuls calls from M = 16 (all of the
+evaluation's 512-token windows) take the bf16 route (``awqtensor/ops/cpu_kernel.py``);
+``--int8-only`` turns that route off (``perplexity_g{G}_cpu_kernel_int8.csv``).
 
 ``--methods autoawq --autoawq-dir DIR`` loads AutoAWQ's own checkpoint with
 ``awqtensor.load_autoawq`` and evaluates it the same way; ``benchmarks/autoawq_reference.py``
@@ -90,8 +93,10 @@ def main():
     parser.add_argument("--method", help=argparse.SUPPRESS)  # child process: run one method, print JSON
     parser.add_argument("--cpu-kernel", action="store_true",
                         help="evaluate with awqtensor's CPU kernel (int8 activations) instead of exact matmuls")
+    parser.add_argument("--int8-only", action="store_true",
+                        help="with --cpu-kernel: no bf16 route for large M, the int8 kernel everywhere")
     parser.add_argument("--csv", default=None, help="default: benchmarks/results/perplexity_g{group_size}"
-                                                    "[_cpu_kernel].csv")
+                                                    "[_cpu_kernel[_int8]].csv")
     args = parser.parse_args()
     if args.method:
         print("RESULT " + json.dumps(run_one(args)))
@@ -104,8 +109,9 @@ def main():
         # The quality of the weights is measured with exact matmuls (dequantize, then the dense
         # matmul), as the reference protocol does; --cpu-kernel measures what the kernel adds.
         env = dict(os.environ)
-        if not args.cpu_kernel:
-            env["AWQTENSOR_DISABLE"] = ",".join(filter(None, [env.get("AWQTENSOR_DISABLE"), "cpu_blocks"]))
+        disable = "cpu_dense_bf16" if args.cpu_kernel and args.int8_only else None if args.cpu_kernel else "cpu_blocks"
+        if disable:
+            env["AWQTENSOR_DISABLE"] = ",".join(filter(None, [env.get("AWQTENSOR_DISABLE"), disable]))
         out = subprocess.run(child, check=True, capture_output=True, text=True, env=env).stdout
         rows.append(json.loads(out.split("RESULT ", 1)[1]))
         r = rows[-1]
@@ -113,7 +119,12 @@ def main():
               f"peak RSS {r['quantize_peak_rss_mb']:.0f} MB  eval {r['eval_s']:.1f} s", flush=True)
 
     device = cpu_device(args.threads)
-    matmul = "awqtensor's CPU kernel (int8 activations)" if args.cpu_kernel else "exact matmuls"
+    matmul = "exact matmuls"
+    if args.cpu_kernel:
+        from awqtensor.ops import cpu_kernel
+
+        route = cpu_kernel.dense_unsuitable(args.seq_len, 576, 576) if not args.int8_only else "off (--int8-only)"
+        matmul = "awqtensor's CPU op: int8 kernel" + (f"; bf16 route {route}" if route else ", bf16 route for M >= 16")
     print(f"\nSmolLM2-135M-Instruct fp32, int4 asymmetric g{args.group_size}, {matmul}; calibration "
           f"{args.calib_blocks} x {args.seq_len} tokens of {args.calib_text}; evaluation {args.windows} x "
           f"{args.seq_len} tokens of {args.eval_text}; {device}, torch {torch.__version__}")
@@ -122,12 +133,13 @@ def main():
         print(f"{r['method']:<24} {r['ppl']:>7.2f} {r['quantize_s']:>11.1f} {r['quantize_peak_rss_mb']:>12.0f} "
               f"{r['eval_s']:>8.1f}")
     # Rows of methods not run this time are kept, so methods can be (re)measured one by one.
-    suffix = "_cpu_kernel" if args.cpu_kernel else ""
+    suffix = ("_cpu_kernel" + ("_int8" if args.int8_only else "")) if args.cpu_kernel else ""
     path = Path(args.csv or f"benchmarks/results/perplexity_g{args.group_size}{suffix}.csv")
     path.parent.mkdir(parents=True, exist_ok=True)
-    fields = list(rows[0]) + ["windows", "calib_blocks", "seq_len", "device", "torch", "triton", "commit", "command"]
+    fields = list(rows[0]) + ["matmul", "windows", "calib_blocks", "seq_len", "device", "torch", "triton", "commit",
+                              "command"]
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    new = {r["method"]: {**r, "windows": args.windows, "calib_blocks": args.calib_blocks, "seq_len": args.seq_len,
+    new = {r["method"]: {**r, "matmul": matmul, "windows": args.windows, "calib_blocks": args.calib_blocks, "seq_len": args.seq_len,
                          "device": device, "commit": commit, **provenance()} for r in rows}
     old = {}
     if path.is_file():
