@@ -53,8 +53,6 @@ BINDING = Path(__file__).with_name("cpu_op.cpp")  # the kernel as awqtensor::int
 ISAS = {"scalar": 0, "avx2": 1, "avx2_vnni": 2, "neon": 3, "neon_dotprod": 4}
 PREFERENCE = ("avx2_vnni", "avx2", "neon_dotprod", "neon", "scalar")  # fastest first
 DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
-# no FMA contraction of scalar code: every output takes one rounding sequence, whatever the
-# tile shape that computed it (batch invariance)
 # The large-M route: from this many rows and multiply-adds, on CPUs with native bf16
 # matmuls. Measured on a 2-core AMX Xeon (int8 kernel against the route, SmolLM2's shapes
 # and 4096x4096): at M = 8 the kernel wins everywhere; from M = 16 the route wins once a
@@ -62,6 +60,8 @@ DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 DENSE_MIN_M = 16
 DENSE_MIN_MACS = 3_000_000
 DENSE_CHUNK = 1 << 24  # weight elements dequantized at a time (32 MiB of bf16), a buffer kept per thread
+# no FMA contraction of scalar code: every output takes one rounding sequence, whatever the
+# tile shape that computed it (batch invariance)
 FLAGS = ["-O3", "-std=c++17", "-fPIC", "-shared", "-fno-math-errno", "-ffp-contract=off"]
 
 
