@@ -11,8 +11,9 @@ M = 1, 4, 16, 64, 128, 512; group size 64. Implementations, all called as
 * ``dense fp32``, ``dense bf16``: torch's matmul on the float weight;
 * ``torch int4 bf16``: torch's int4 CPU kernel (``aten._weight_int4pack_mm_for_cpu``,
   the ``cpu_int4pack`` layout) with bf16 activations, its fast case;
-* ``awqtensor fp32``, ``awqtensor bf16``: awqtensor's kernel (``cpu_blocks``) on fp32 and
-  bf16 activations (int8 activations inside, see awqtensor/ops/cpu_kernel.py).
+* ``awqtensor fp32``, ``awqtensor bf16``, ``awqtensor fp16``: awqtensor's op
+  (``cpu_blocks``) on fp32, bf16 and fp16 activations (int8 activations inside, see
+  awqtensor/ops/cpu_kernel.py, or the bf16 route for large M).
 
 Each is timed twice: ``hot``, the same weight every call (a small one then sits in the
 CPU's caches, which flatters the dense matmul), and ``cold``, cycling through copies that
@@ -70,7 +71,8 @@ def weights(n: int, k: int, group_size: int) -> dict[str, tuple[torch.Tensor, to
         packing_format=packing.CPU_INT4PACK)
     return {"dense fp32": (w, torch.float32), "dense bf16": (w.bfloat16(), torch.bfloat16),
             "torch int4 bf16": (torch_int4, torch.bfloat16), "awqtensor fp32": (ours, torch.float32),
-            "awqtensor bf16": (ours.to(torch.bfloat16), torch.bfloat16)}
+            "awqtensor bf16": (ours.to(torch.bfloat16), torch.bfloat16),
+            "awqtensor fp16": (ours.to(torch.float16), torch.float16)}
 
 
 def last_level_cache_bytes() -> int:

@@ -267,7 +267,7 @@ def test_dense_route_default_follows_the_cpu():
 @pytest.mark.skipif(not ISAS or not cpu_kernel.binding(), reason="the bf16 route lives in the C++ op")
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("chunk", [1 << 24, 1000])  # the weight in one piece; in several, the last one short
-def test_dense_route_matches_float64_bf16_model(dense_route_everywhere, dtype, chunk):
+def test_dense_route_matches_float64_bf16_model(dense_route_everywhere, isa, dtype, chunk):
     cpu_kernel.dense_route(2, 0, chunk)
     for (n, k, group_size), (zero_point, act_scale) in zip(CASES, [(True, False), (False, True), (True, True)] * 3):
         t = weight(n, k, dtype, group_size, zero_point, act_scale, seed=n * k + 1)

@@ -456,6 +456,23 @@ AWQ_AVX2 static void dequantize_row_avx2(const uint8_t* row, int64_t K, int64_t 
         }
     }
 }
+
+// One row of x (times act_scale) rounded to bf16: the route's activations, in one pass.
+AWQ_AVX2 static void to_bf16_row_avx2(const void* x, int64_t offset, int64_t K, int dtype, const void* act_scale,
+                                      uint16_t* out) {
+    int64_t c = 0;
+    for (; c + 8 <= K; c += 8) {
+        __m256 v = load8_avx2(x, offset + c, dtype);
+        if (act_scale) v = _mm256_mul_ps(v, load8_avx2(act_scale, c, dtype));
+        const __m256i r = f32x8_to_bf16_lanes(v);
+        _mm_storeu_si128((__m128i*)(out + offset + c),
+                         _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1)));
+    }
+    for (; c < K; ++c) {
+        const float v = load_elem(x, offset + c, dtype) * (act_scale ? load_elem(act_scale, c, dtype) : 1.0f);
+        out[offset + c] = f32_to_bf16(v);
+    }
+}
 #endif
 
 typedef void (*RowsFn)(const uint8_t* const*, int64_t, int64_t, const int8_t* const*, const float* const*,
@@ -624,6 +641,26 @@ int awq_cpu_dequantize(const uint8_t* w, int64_t N, int64_t K, int64_t G, int64_
 #endif
 #pragma omp parallel for schedule(static) if (N * K >= (1 << 16))
     for (int64_t n = 0; n < N; ++n) row_fn(w + n * row_bytes, K, G, group_size, nb, dtype, out, n * K);
+    return 0;
+}
+
+// out[M, K] (bf16) = x[M, K] (times act_scale[K]), each product rounded once; x and
+// act_scale share `dtype`. Returns 0, or -1 for an unknown isa/dtype.
+int awq_cpu_to_bf16(const void* x, int64_t M, int64_t K, int dtype, const void* act_scale, uint16_t* out, int isa) {
+    if (dtype < F32 || dtype > F16 || !awq_cpu_isa_supported(isa)) return -1;
+#pragma omp parallel for schedule(static) if (M * K >= (1 << 16))
+    for (int64_t m = 0; m < M; ++m) {
+#if AWQ_X86
+        if (isa == AVX2 || isa == AVX2_VNNI) {
+            to_bf16_row_avx2(x, m * K, K, dtype, act_scale, out);
+            continue;
+        }
+#endif
+        for (int64_t c = 0; c < K; ++c) {
+            const float v = load_elem(x, m * K + c, dtype) * (act_scale ? load_elem(act_scale, c, dtype) : 1.0f);
+            out[m * K + c] = f32_to_bf16(v);
+        }
+    }
     return 0;
 }
 

@@ -65,11 +65,17 @@ bool disabled(std::string_view name) {  // AWQTENSOR_DISABLE=a,b,...
 at::Tensor dense_linear(const at::Tensor& x2, const at::Tensor& w, int64_t n, int64_t groups, int64_t group_size,
                         const at::Tensor& act, const at::Tensor& b) {
     const int64_t m = x2.size(0), k = x2.size(1), row_bytes = w.size(1);
-    const at::Tensor xb = (act.defined() ? x2.mul(act) : x2).to(at::kBFloat16);
+    const int isa = isa_from_env();
+    at::Tensor xb = x2;
+    if (x2.scalar_type() != at::kBFloat16 || act.defined()) {  // one pass; torch's fp16 -> bf16 is slow
+        xb = at::empty({m, k}, x2.options().dtype(at::kBFloat16));
+        const int rc = awq_cpu_to_bf16(x2.data_ptr(), m, k, dtype_code(x2.scalar_type()),
+                                       act.defined() ? act.data_ptr() : nullptr, (uint16_t*)xb.data_ptr(), isa);
+        TORCH_CHECK(rc == 0, "awqtensor CPU kernel: activation conversion refused (code ", rc, ")");
+    }
     const int64_t chunk = std::max<int64_t>(1, std::min(n, dense_chunk / std::max<int64_t>(k, 1)));
     thread_local at::Tensor scratch;
     if (!scratch.defined() || scratch.numel() < chunk * k) scratch = at::empty({chunk * k}, xb.options());
-    const int isa = isa_from_env();
     auto dequantized = [&](int64_t n0, int64_t rows) {
         at::Tensor wd = scratch.narrow(0, 0, rows * k).view({rows, k});
         const int rc = awq_cpu_dequantize((const uint8_t*)w.data_ptr() + n0 * row_bytes, rows, k, groups, group_size,
@@ -79,7 +85,9 @@ at::Tensor dense_linear(const at::Tensor& x2, const at::Tensor& w, int64_t n, in
     };
     at::Tensor y;
     if (chunk >= n) {
-        y = at::linear(xb, dequantized(0, n)).to(x2.scalar_type());
+        y = at::linear(xb, dequantized(0, n));
+        // through fp32: torch's bf16 -> fp16 conversion is 3x slower than both steps
+        if (x2.scalar_type() != at::kBFloat16) y = y.to(at::kFloat).to(x2.scalar_type());
     } else {
         y = at::empty({m, n}, x2.options());
         for (int64_t n0 = 0; n0 < n; n0 += chunk) {
