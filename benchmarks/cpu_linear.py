@@ -2,6 +2,7 @@
 
     python benchmarks/cpu_linear.py              # table on stdout, CSV in benchmarks/results/
     python benchmarks/cpu_linear.py --quick      # 4096x4096 and gate/up only, M = 1 and 128
+    python benchmarks/cpu_linear.py --repeats 2  # each cell twice, in turn; the faster median kept
 
 Shapes: 4096x4096 and SmolLM2-135M's (q/o 576x576, k/v 192x576, gate/up 1536x576, down
 576x1536, and the fused q/k/v 960x576 and gate/up 3072x576 that ``fuse_`` makes);
@@ -108,6 +109,9 @@ def main():
     parser.add_argument("--group-size", type=int, default=64)
     parser.add_argument("--min-time", type=float, default=0.3, help="seconds per measurement")
     parser.add_argument("--quick", action="store_true", help="two shapes, M = 1 and 128")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="time every cell this many times (in turn) and keep the fastest median: "
+                             "on a shared machine, the one least disturbed by neighbours")
     parser.add_argument("--csv", help="default: benchmarks/results/cpu_linear_<device>.csv")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -126,11 +130,13 @@ def main():
             xs = {m: torch.randn(m, k) for m in ms}
             for cold in (False, True):
                 times = {m: {} for m in ms}
-                for impl, (w, dtype) in impls.items():  # one implementation's copies in memory at a time
-                    copies = cold_copies(w) if cold else None
-                    for m in ms:
-                        times[m][impl] = time_impl(w, xs[m].to(dtype), copies, args.min_time)
-                    del copies
+                for _ in range(args.repeats):
+                    for impl, (w, dtype) in impls.items():  # one implementation's copies in memory at a time
+                        copies = cold_copies(w) if cold else None
+                        for m in ms:
+                            t = time_impl(w, xs[m].to(dtype), copies, args.min_time)
+                            times[m][impl] = min(t, times[m].get(impl, t))
+                        del copies
                 for m in ms:
                     base = times[m]["dense fp32"]
                     for impl, ms_ in times[m].items():
