@@ -5,9 +5,12 @@
     python benchmarks/decode.py --model llama-8b
 
 Batch 1, greedy, a static KV cache; tokens/s is measured between the first new token and
-the last (``(n - 1) / (t(n) - t(1))``), so the prompt's prefill is left out. Variants:
+the last (``(n - 1) / (t(n) - t(1))``), so the prompt's prefill is left out; it is in
+``first_token_ms`` (``t(1)``: prefill and the first token; ``--prompt-tokens 512`` makes
+it a prefill measurement, written to ``..._prompt512.csv``). Variants:
 dense eager, dense compiled, awqtensor eager, awqtensor compiled unfused, awqtensor compiled fused
-(``fuse_``); on CUDA compiled means ``mode="reduce-overhead"`` (CUDA graphs). Writes
+(``fuse_``), and on the CPU, "awq compiled fused int8 only" (no bf16 route: the kernel
+prefills too); on CUDA compiled means ``mode="reduce-overhead"`` (CUDA graphs). Writes
 ``benchmarks/results/decode_<device>.csv`` with ``speedup`` against dense compiled.
 """
 
@@ -15,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import os
 import time
 from pathlib import Path
 
@@ -56,9 +60,9 @@ def tokens_per_s(model, ids, new_tokens: int) -> float:
 
     timed(new_tokens)  # compiles (twice for CUDA graphs to settle)
     timed(new_tokens)
-    one = min(timed(1) for _ in range(2))
+    one = min(timed(1) for _ in range(2))  # the prompt's prefill and the first token
     full = min(timed(new_tokens) for _ in range(2))
-    return (new_tokens - 1) / (full - one)
+    return (new_tokens - 1) / (full - one), one
 
 
 def main():
@@ -85,26 +89,35 @@ def main():
         model = base if variant.startswith("dense") else copy.deepcopy(base)
         if variant.startswith("awq"):
             quantize_(model, rtn_config(group_size=args.group_size))  # speed does not depend on the scales
-            if variant.endswith("fused"):
+            if "fused" in variant:
                 fuse_(model)
         if "compiled" in variant:
             model.forward = torch.compile(model.forward, mode=mode, fullgraph=True)
-        tps = tokens_per_s(model, ids, args.new_tokens)
+        saved = os.environ.get("AWQTENSOR_DISABLE")
+        if variant.endswith("int8 only"):  # the CPU kernel at every M: no bf16 route for the prefill
+            os.environ["AWQTENSOR_DISABLE"] = ",".join(filter(None, [saved, "cpu_dense_bf16"]))
+        tps, first = tokens_per_s(model, ids, args.new_tokens)
+        if saved is None:
+            os.environ.pop("AWQTENSOR_DISABLE", None)
+        else:
+            os.environ["AWQTENSOR_DISABLE"] = saved
         rows.append({"device": torch.cuda.get_device_name() if device.type == "cuda" else
                      cpu_device(args.threads), "model": args.model,
                      "dtype": str(dtype).removeprefix("torch."), "variant": variant, "tokens_per_s": tps,
-                     "new_tokens": args.new_tokens, **provenance()})
-        print(f"{variant:<22} {tps:8.2f} tok/s", flush=True)
+                     "new_tokens": args.new_tokens, "prompt_tokens": args.prompt_tokens,
+                     "first_token_ms": first * 1e3, **provenance()})
+        print(f"{variant:<22} {tps:8.2f} tok/s, first token {first * 1e3:.0f} ms", flush=True)
         if model is base and "compiled" in variant:
             del model.forward  # back to the eager forward for the next variant
         torch._dynamo.reset()
     reference = next((r["tokens_per_s"] for r in rows if r["variant"] == "dense compiled"), rows[0]["tokens_per_s"])
     for r in rows:
         r["speedup"] = r["tokens_per_s"] / reference
-    path = write_csv(Path(args.out) / f"decode_{args.model}_{slug(rows[0]['device'])}.csv", rows)
-    print(f"\n{'variant':<22} {'tok/s':>8} {'speedup vs dense compiled':>26}")
+    prompt = "" if args.prompt_tokens == 16 else f"_prompt{args.prompt_tokens}"
+    path = write_csv(Path(args.out) / f"decode_{args.model}_{slug(rows[0]['device'])}{prompt}.csv", rows)
+    print(f"\n{'variant':<22} {'tok/s':>8} {'speedup vs dense compiled':>26} {'first token ms':>15}")
     for r in rows:
-        print(f"{r['variant']:<22} {r['tokens_per_s']:8.2f} {r['speedup']:26.2f}")
+        print(f"{r['variant']:<22} {r['tokens_per_s']:8.2f} {r['speedup']:26.2f} {r['first_token_ms']:15.0f}")
     print(f"wrote {path}")
 
 
