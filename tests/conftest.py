@@ -11,7 +11,6 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
-
 @pytest.fixture(autouse=True)
 def _seeded(request):
     """torch seeds its global generator differently in every process: each test gets its

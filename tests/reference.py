@@ -85,18 +85,16 @@ def q8_linear(x: torch.Tensor, t, bias: torch.Tensor | None = None) -> torch.Ten
             d = (np.abs(block).max(axis=1, keepdims=True) / np.float32(127)).astype(np.float32)
             inv = np.where(d > 0, np.float32(1) / np.where(d > 0, d, np.float32(1)), np.float32(0)).astype(np.float32)
             xq[:, start : start + block.shape[1]] = np.rint(block * inv) * d.astype(np.float64)
-    w = dequantize(t)
-    if t.act_scale is not None:  # already applied to the activations
-        w = w / t.act_scale.double().numpy()[None, :]
+    w = dequantize(t, with_act_scale=False)  # act_scale is already in the activations
     y = torch.from_numpy(xq @ w.T)
     return y if bias is None else y + bias.double()
 
 
 def bf16_linear(x: torch.Tensor, t, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """float64 model of the CPU op's large-M route: ``x * act_scale`` (in x's dtype) and the
-    weight rounded to bf16, then products and sums in float64. The route's fp32 sum and the
-    bf16 rounding of its result are left to the caller's tolerance."""
-    xs = x * t.act_scale.to(x.dtype) if t.act_scale is not None else x
+    """float64 model of the CPU op's large-M route: ``x * act_scale`` (an fp32 product) and
+    the weight rounded to bf16, then products and sums in float64. The route's fp32 sum and
+    the bf16 rounding of its result are left to the caller's tolerance."""
+    xs = x.float() * t.act_scale.to(x.dtype).float() if t.act_scale is not None else x.float()
     xb = xs.to(torch.bfloat16).double()
     wb = torch.from_numpy(dequantize(t, with_act_scale=False)).float().to(torch.bfloat16).double()
     y = xb @ wb.T
