@@ -457,9 +457,10 @@ AWQ_AVX2 static void dequantize_row_avx2(const uint8_t* row, int64_t K, int64_t 
     }
 }
 
-// One row of x (times act_scale) rounded to bf16: the route's activations, in one pass.
-AWQ_AVX2 static void to_bf16_row_avx2(const void* x, int64_t offset, int64_t K, int dtype, const void* act_scale,
-                                      uint16_t* out) {
+// One row of x (times act_scale) rounded to bf16, 8 columns at a time; returns how many
+// columns it did (awq_cpu_to_bf16 does the rest).
+AWQ_AVX2 static int64_t to_bf16_row_avx2(const void* x, int64_t offset, int64_t K, int dtype, const void* act_scale,
+                                         uint16_t* out) {
     int64_t c = 0;
     for (; c + 8 <= K; c += 8) {
         __m256 v = load8_avx2(x, offset + c, dtype);
@@ -468,10 +469,7 @@ AWQ_AVX2 static void to_bf16_row_avx2(const void* x, int64_t offset, int64_t K, 
         _mm_storeu_si128((__m128i*)(out + offset + c),
                          _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1)));
     }
-    for (; c < K; ++c) {
-        const float v = load_elem(x, offset + c, dtype) * (act_scale ? load_elem(act_scale, c, dtype) : 1.0f);
-        out[offset + c] = f32_to_bf16(v);
-    }
+    return c;
 }
 #endif
 
@@ -650,13 +648,11 @@ int awq_cpu_to_bf16(const void* x, int64_t M, int64_t K, int dtype, const void* 
     if (dtype < F32 || dtype > F16 || !awq_cpu_isa_supported(isa)) return -1;
 #pragma omp parallel for schedule(static) if (M * K >= (1 << 16))
     for (int64_t m = 0; m < M; ++m) {
+        int64_t c = 0;
 #if AWQ_X86
-        if (isa == AVX2 || isa == AVX2_VNNI) {
-            to_bf16_row_avx2(x, m * K, K, dtype, act_scale, out);
-            continue;
-        }
+        if (isa == AVX2 || isa == AVX2_VNNI) c = to_bf16_row_avx2(x, m * K, K, dtype, act_scale, out);
 #endif
-        for (int64_t c = 0; c < K; ++c) {
+        for (; c < K; ++c) {  // the portable path, and the vector path's last columns
             const float v = load_elem(x, m * K + c, dtype) * (act_scale ? load_elem(act_scale, c, dtype) : 1.0f);
             out[m * K + c] = f32_to_bf16(v);
         }

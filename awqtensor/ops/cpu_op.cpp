@@ -62,14 +62,14 @@ bool disabled(std::string_view name) {  // AWQTENSOR_DISABLE=a,b,...
 // y = x2 (* act) @ W.T (+ b) through a bf16 copy of W, chunk by chunk: bf16 rounding of x,
 // W and the result, fp32 accumulation inside torch's matmul. Each thread keeps its chunk
 // buffer: a fresh 32 MiB one per call would cost more in page faults than the work.
-at::Tensor dense_linear(const at::Tensor& x2, const at::Tensor& w, int64_t n, int64_t groups, int64_t group_size,
-                        const at::Tensor& act, const at::Tensor& b) {
+at::Tensor dense_linear(const at::Tensor& x2, int dtype, const at::Tensor& w, int64_t n, int64_t groups,
+                        int64_t group_size, const at::Tensor& act, const at::Tensor& b) {
     const int64_t m = x2.size(0), k = x2.size(1), row_bytes = w.size(1);
     const int isa = isa_from_env();
     at::Tensor xb = x2;
     if (x2.scalar_type() != at::kBFloat16 || act.defined()) {  // one pass; torch's fp16 -> bf16 is slow
         xb = at::empty({m, k}, x2.options().dtype(at::kBFloat16));
-        const int rc = awq_cpu_to_bf16(x2.data_ptr(), m, k, dtype_code(x2.scalar_type()),
+        const int rc = awq_cpu_to_bf16(x2.data_ptr(), m, k, dtype,
                                        act.defined() ? act.data_ptr() : nullptr, (uint16_t*)xb.data_ptr(), isa);
         TORCH_CHECK(rc == 0, "awqtensor CPU kernel: activation conversion refused (code ", rc, ")");
     }
@@ -121,7 +121,7 @@ at::Tensor int4_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, const
     const int64_t m = x2.size(0);
     at::Tensor y;
     if (dense_min_m && m >= dense_min_m && m * n * k >= dense_min_macs && !disabled("cpu_dense_bf16")) {
-        y = dense_linear(x2, w, n, groups, group_size, act, b);
+        y = dense_linear(x2, dtype, w, n, groups, group_size, act, b);
     } else {
         y = at::empty({m, n}, x.options());
         const int rc = m ? awq_cpu_linear(x2.data_ptr(), m, k, dtype, (const uint8_t*)w.data_ptr(), n, groups,
