@@ -211,7 +211,7 @@ class _Int4Linear(torch.autograd.Function):
 
 
 def _int4_linear_op(x, weight, bias):
-    return torch.ops.awqtensor.int4_linear(
+    return torch.ops.awqtensor.int4_linear.default(
         x, weight.qweight, weight.scales, weight.zeros, weight.act_scale, bias,
         weight.group_size, weight.packing_format,
     )
