@@ -76,15 +76,7 @@ def weights(n: int, k: int, group_size: int) -> dict[str, tuple[torch.Tensor, to
             "awqtensor fp16": (ours.to(torch.float16), torch.float16)}
 
 
-def last_level_cache_bytes() -> int:
-    for path in sorted(Path("/sys/devices/system/cpu/cpu0/cache").glob("index*")):
-        if (path / "level").read_text().strip() == "3":
-            size = (path / "size").read_text().strip()  # e.g. "32768K"
-            return int(size[:-1]) << {"K": 10, "M": 20}[size[-1]] if size[-1] in "KM" else int(size)
-    return 0
-
-
-COLD_BYTES = max(96 << 20, 2 * last_level_cache_bytes())  # copies cycled through: twice the last-level cache
+COLD_BYTES = max(96 << 20, 2 * cpu_kernel.last_level_cache_bytes())  # copies cycled through: twice the last-level cache
 
 
 def cold_copies(weight) -> list:

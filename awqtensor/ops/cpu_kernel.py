@@ -22,8 +22,8 @@ outlier channels; ``tests/test_cpu_kernel.py``); perplexity moves by under 0.1 (
 
 Large M (prefill) on CPUs with native bf16 matmuls (AVX512-BF16 or AMX, as torch detects
 them): from ``DENSE_MIN_M`` rows and ``DENSE_MIN_MACS`` multiply-adds the C++ op
-dequantizes the weight to bf16 (chunks of at most 32 MiB, into a buffer each thread keeps)
-and runs torch's bf16 matmul instead (``dense_linear`` in cpu_op.cpp; not in the ctypes
+dequantizes the weight to bf16 (``DENSE_CHUNK`` elements at a time, into a buffer each
+thread keeps) and runs torch's bf16 matmul instead (``dense_linear`` in cpu_op.cpp; not in the ctypes
 build): on our AMX Xeon, at M = 128 on 4096x4096, 4.4 ms against the int8 kernel's 20 ms
 and dense fp32's 13-16 ms (``benchmarks/cpu_linear.py``). Its outputs carry bf16 rounding
 (activations, weights and result; fp32 accumulation): RTN perplexity 29.31 against 29.38
@@ -57,9 +57,31 @@ DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 # matmuls. Measured on a 2-core AMX Xeon (int8 kernel against the route, SmolLM2's shapes
 # and 4096x4096): at M = 8 the kernel wins everywhere; from M = 16 the route wins once a
 # call has ~3M multiply-adds to pay for torch's matmul setup (k/v 192x576 from M = 32).
+# The same holds on a 2-core AMD EPYC with AVX512-BF16 and no AMX: the defaults pick the
+# faster of the two on every shape and M there (benchmarks/cpu_route.py, which checks a CPU).
 DENSE_MIN_M = 16
 DENSE_MIN_MACS = 3_000_000
-DENSE_CHUNK = 1 << 24  # weight elements dequantized at a time (32 MiB of bf16), a buffer kept per thread
+
+
+def last_level_cache_bytes() -> int:
+    """The size of the largest CPU cache Linux reports for CPU 0 (0 where it reports none)."""
+    sizes = [0]
+    for path in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"):
+        try:
+            size = (path / "size").read_text().strip()  # e.g. "32768K"
+            sizes.append(int(size.rstrip("KMG")) << {"K": 10, "M": 20, "G": 30}.get(size[-1], 0))
+        except (OSError, ValueError):
+            continue
+    return max(sizes)
+
+
+# Weight elements the route dequantizes at a time (into a buffer each calling thread keeps):
+# a quarter of the last-level cache in bf16, so that the matmul reads them back from the
+# cache, between 1M and 16M elements (4M where the cache size is unknown). Measured on a
+# 2-core AMD EPYC with 32 MB of L3 (benchmarks/results/README.md): 4096x4096 at M = 16 takes
+# 1.9-2.3 ms in 2M-8M element chunks against 3.3 ms in one 16M chunk that spills to DRAM.
+_LLC = last_level_cache_bytes()
+DENSE_CHUNK = min(max(_LLC // 8, 1 << 20), 1 << 24) if _LLC else 1 << 22
 # no FMA contraction of scalar code: every output takes one rounding sequence, whatever the
 # tile shape that computed it (batch invariance)
 FLAGS = ["-O3", "-std=c++17", "-fPIC", "-shared", "-fno-math-errno", "-ffp-contract=off"]
