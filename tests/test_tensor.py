@@ -95,6 +95,26 @@ def test_clone_and_detach_are_independent_copies():
     assert isinstance(t.detach(), Int4AWQTensor)
 
 
+def test_flatten_is_computed_once_and_matches_torchao():
+    # torch.compile's guards call __tensor_flatten__ on every call; ours caches torchao's answer
+    from torchao.utils import TorchAOBaseTensor
+
+    t = Int4AWQTensor.from_float(torch.randn(48, 96), 32, zero_point=False, act_scale=torch.rand(96) + 0.5)
+    expected = TorchAOBaseTensor.__tensor_flatten__(t)
+    assert expected[0] == ["qweight", "scales", "act_scale"] and expected[1]["packing_format"] == t.packing_format
+    assert t.__tensor_flatten__() == expected
+    names, attrs = t.__tensor_flatten__()
+    names.clear(), attrs.clear()  # callers get copies
+    assert t.__tensor_flatten__() == expected
+    # a pickle is written in the plain layout: the cached answer must not travel with it
+    buf = io.BytesIO()
+    torch.save(t, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=True)
+    assert loaded.__tensor_flatten__() == TorchAOBaseTensor.__tensor_flatten__(loaded)
+    assert loaded.__tensor_flatten__()[1]["packing_format"] == loaded.packing_format
+
+
 def _quantized_llama(dtype=torch.float32, **cfg):
     model = tiny_llama(**cfg).to(dtype)
     quantize_(model, rtn_config(group_size=32))
