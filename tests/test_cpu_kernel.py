@@ -88,6 +88,26 @@ def test_matches_float64_w4a8_model(isa, dtype, n, k, group_size):
                 assert torch.equal(direct, y)
 
 
+@pytest.mark.skipif(not {"avx2_vnni", "avx512_vnni"} <= set(ISAS), reason="needs AVX-VNNI and AVX512-VNNI")
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_avx512_path_is_bit_identical_to_avx2_vnni(monkeypatch, dtype):
+    # two weight rows per 512-bit register, each half doing the 256-bit path's arithmetic
+    old = cpu_kernel.dense_route(None)  # the int8 kernel at every M
+    try:
+        for n, k, group_size in CASES + [(64, 576, 64), (33, 96, 96)]:
+            t = weight(n, k, dtype, group_size, act_scale=True, seed=n + k)
+            b = bias_for(n, dtype, seed=n)
+            for m in (1, 2, 3, 5, 16):  # single rows and pairs of activation rows
+                x = activations(m, k, dtype, seed=m * n)
+                outputs = []
+                for name in ("avx2_vnni", "avx512_vnni"):
+                    monkeypatch.setenv("AWQTENSOR_CPU_ISA", name)
+                    outputs.append(F.linear(x, t, b))
+                assert torch.equal(*outputs), (n, k, group_size, m)
+    finally:
+        cpu_kernel.dense_route(**old)
+
+
 def test_instruction_sets_agree(monkeypatch):
     t = weight(37, 320, torch.float32, 64, act_scale=True, seed=3)
     x = activations(6, 320, torch.float32, seed=4)

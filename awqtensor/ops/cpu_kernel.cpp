@@ -1,4 +1,4 @@
-// int4 weight x int8 activation linear for CPUs: AVX2 (optionally AVX-VNNI), NEON
+// int4 weight x int8 activation linear for CPUs: AVX2 (optionally AVX-VNNI or AVX512-VNNI), NEON
 // (optionally dotprod) and portable C++, chosen at run time. Built on first use by
 // awqtensor/ops/cpu_kernel.py; no torch headers, so it compiles in about a second.
 //
@@ -38,7 +38,7 @@
 #endif
 #endif
 
-enum Isa { SCALAR = 0, AVX2 = 1, AVX2_VNNI = 2, NEON = 3, NEON_DOTPROD = 4 };
+enum Isa { SCALAR = 0, AVX2 = 1, AVX2_VNNI = 2, NEON = 3, NEON_DOTPROD = 4, AVX512_VNNI = 5 };
 enum Dtype { F32 = 0, BF16 = 1, F16 = 2 };
 static const int kRows = 4;  // output rows per tile: they share each activation load
 
@@ -326,6 +326,109 @@ AWQ_AVX2_VNNI static inline __m256i dot_pair_vnni(__m256i lo, __m256i x1, __m256
 
 AWQ_ROWS_X86(rows_avx2, AWQ_AVX2, dot_pair_avx2)
 AWQ_ROWS_X86(rows_vnni, AWQ_AVX2_VNNI, dot_pair_vnni)
+
+// AVX-512: two weight rows per 512-bit register, one in each 256-bit half, against the
+// same activations in both halves. Each half does exactly what rows_vnni does for its row
+// (the same lanes, operations and order; the EVEX vpdpbusd computes what the VEX one
+// does), so the results are bit-identical to avx2_vnni's: only the instruction count
+// per weight byte halves. Single rows (tile remainders) use the 256-bit code.
+#define AWQ_AVX512_VNNI __attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")))
+
+AWQ_AVX512_VNNI static inline __m256i dot_pair_vnni512(__m256i lo, __m256i x1, __m256i hi, __m256i x2) {
+    return _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(_mm256_setzero_si256(), lo, x1), hi, x2);
+}
+AWQ_ROWS_X86(rows_vnni256, AWQ_AVX512_VNNI, dot_pair_vnni512)
+
+AWQ_AVX512_VNNI static inline __m512 halves_ps(__m256 low, __m256 high) {
+    return _mm512_castpd_ps(_mm512_insertf64x4(_mm512_castpd256_pd512(_mm256_castps_pd(low)), _mm256_castps_pd(high), 1));
+}
+AWQ_AVX512_VNNI static inline __m512i halves_si(__m256i low, __m256i high) {
+    return _mm512_inserti64x4(_mm512_castsi256_si512(low), high, 1);
+}
+AWQ_AVX512_VNNI static inline __m512i dot_pair_zmm(__m512i lo, __m512i x1, __m512i hi, __m512i x2) {
+    return _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, x1), hi, x2);
+}
+
+template <int R, int MB>
+AWQ_AVX512_VNNI static void rows_zmm(const uint8_t* const* w, int64_t G, int64_t nb, const int8_t* const* xq,
+                                     const float* const* dx, const float* const* xsum, float* out) {
+    static_assert(R % 2 == 0, "weight rows in pairs");
+    constexpr int P = R / 2;
+    const int64_t group_bytes = 8 + 16 * nb;
+    const int64_t ahead = kRows * G * group_bytes;  // the same bytes of the next tile's rows
+    const __m512i mask = _mm512_set1_epi8(0x0f);
+    const __m512i zero = _mm512_setzero_si512();
+    __m512 acc[MB][P];
+    float corr[MB][R];
+    for (int i = 0; i < MB; ++i) {
+        for (int p = 0; p < P; ++p) acc[i][p] = _mm512_setzero_ps();
+        for (int r = 0; r < R; ++r) corr[i][r] = 0.0f;
+    }
+    for (int64_t g = 0; g < G; ++g) {
+        __m512 gacc[MB][P];
+        for (int i = 0; i < MB; ++i)
+            for (int p = 0; p < P; ++p) gacc[i][p] = _mm512_setzero_ps();
+        int64_t b = 0;
+        for (; b + 2 <= nb; b += 2) {  // two blocks: 32 bytes of codes per row
+            __m512 d[MB];
+            __m512i x1[MB], x2[MB];
+            for (int i = 0; i < MB; ++i) {
+                const float* dg = dx[i] + g * nb + b;
+                const __m256 d256 = _mm256_set_m128(_mm_set1_ps(dg[1]), _mm_set1_ps(dg[0]));
+                d[i] = halves_ps(d256, d256);
+                const int8_t* xp = xq[i] + (g * nb + b) * 32;
+                x1[i] = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i*)xp));
+                x2[i] = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i*)(xp + 32)));
+            }
+            for (int p = 0; p < P; ++p) {
+                const uint8_t* a0 = w[2 * p] + g * group_bytes + 8 + 16 * b;
+                const uint8_t* a1 = w[2 * p + 1] + g * group_bytes + 8 + 16 * b;
+                _mm_prefetch((const char*)(a0 + ahead), _MM_HINT_T0);
+                _mm_prefetch((const char*)(a1 + ahead), _MM_HINT_T0);
+                const __m512i v = halves_si(_mm256_loadu_si256((const __m256i*)a0), _mm256_loadu_si256((const __m256i*)a1));
+                const __m512i lo = _mm512_and_si512(v, mask);
+                const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), mask);
+                for (int i = 0; i < MB; ++i)
+                    gacc[i][p] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot_pair_zmm(lo, x1[i], hi, x2[i])), d[i], gacc[i][p]);
+            }
+        }
+        if (b < nb) {  // an odd block: its 16 bytes widened to 32 codes in column order
+            for (int p = 0; p < P; ++p) {
+                __m256i q[2];
+                for (int h = 0; h < 2; ++h) {
+                    const __m128i v = _mm_loadu_si128((const __m128i*)(w[2 * p + h] + g * group_bytes + 8 + 16 * b));
+                    q[h] = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(v, 4), v), _mm512_castsi512_si256(mask));
+                }
+                const __m512i codes = halves_si(q[0], q[1]);
+                for (int i = 0; i < MB; ++i) {
+                    const __m512i xa = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i*)(xq[i] + (g * nb + b) * 32)));
+                    const __m512 dd = _mm512_set1_ps(dx[i][g * nb + b]);
+                    gacc[i][p] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot_pair_zmm(codes, xa, zero, zero)), dd, gacc[i][p]);
+                }
+            }
+        }
+        for (int p = 0; p < P; ++p) {
+            float scale[2], scaled_zero[2];
+            group_header(w[2 * p] + g * group_bytes, &scale[0], &scaled_zero[0]);
+            group_header(w[2 * p + 1] + g * group_bytes, &scale[1], &scaled_zero[1]);
+            const __m512 s = halves_ps(_mm256_set1_ps(scale[0]), _mm256_set1_ps(scale[1]));
+            for (int i = 0; i < MB; ++i) {
+                acc[i][p] = _mm512_fmadd_ps(gacc[i][p], s, acc[i][p]);
+                corr[i][2 * p] += scaled_zero[0] * xsum[i][g];
+                corr[i][2 * p + 1] += scaled_zero[1] * xsum[i][g];
+            }
+        }
+    }
+    for (int i = 0; i < MB; ++i)
+        for (int p = 0; p < P; ++p)
+            for (int h = 0; h < 2; ++h) {  // the 256-bit path's horizontal sum, per half
+                const __m256 a = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(acc[i][p]), h));
+                __m128 t = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+                t = _mm_add_ps(t, _mm_movehl_ps(t, t));
+                t = _mm_add_ss(t, _mm_movehdup_ps(t));
+                out[i * R + 2 * p + h] = _mm_cvtss_f32(t) - corr[i][2 * p + h];
+            }
+}
 #endif  // AWQ_X86
 
 #if AWQ_ARM
@@ -488,6 +591,9 @@ static bool pick(int isa, Kernels* k) {
 #if AWQ_X86
         case AVX2: *k = {rows_avx2<kRows, 1>, rows_avx2<1, 1>, rows_avx2<kRows / 2, 2>, rows_avx2<1, 2>}; return true;
         case AVX2_VNNI: *k = {rows_vnni<kRows, 1>, rows_vnni<1, 1>, rows_vnni<kRows / 2, 2>, rows_vnni<1, 2>}; return true;
+        case AVX512_VNNI:
+            *k = {rows_zmm<kRows, 1>, rows_vnni256<1, 1>, rows_zmm<kRows / 2, 2>, rows_vnni256<1, 2>};
+            return true;
 #endif
 #if AWQ_ARM
         case NEON: *k = {rows_neon<kRows, 1>, rows_neon<1, 1>, nullptr, nullptr}; return true;
@@ -509,6 +615,11 @@ int awq_cpu_isa_supported(int isa) {
         case AVX2_VNNI:
             return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
                    __builtin_cpu_supports("f16c") && __builtin_cpu_supports("avxvnni");
+        case AVX512_VNNI:
+            return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                   __builtin_cpu_supports("f16c") && __builtin_cpu_supports("avx512f") &&
+                   __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
+                   __builtin_cpu_supports("avx512vnni");
 #endif
 #if AWQ_ARM
         case NEON: return 1;
@@ -522,7 +633,7 @@ int awq_cpu_isa_supported(int isa) {
 
 // The fastest path this CPU runs.
 int awq_cpu_best_isa(void) {
-    static const int order[] = {AVX2_VNNI, AVX2, NEON_DOTPROD, NEON, SCALAR};
+    static const int order[] = {AVX512_VNNI, AVX2_VNNI, AVX2, NEON_DOTPROD, NEON, SCALAR};
     for (int isa : order)
         if (awq_cpu_isa_supported(isa)) return isa;
     return SCALAR;
@@ -635,7 +746,7 @@ int awq_cpu_dequantize(const uint8_t* w, int64_t N, int64_t K, int64_t G, int64_
     const int64_t nb = (group_size + 31) / 32, row_bytes = G * (8 + 16 * nb);
     void (*row_fn)(const uint8_t*, int64_t, int64_t, int64_t, int64_t, int, void*, int64_t) = dequantize_row_scalar;
 #if AWQ_X86
-    if (isa == AVX2 || isa == AVX2_VNNI) row_fn = dequantize_row_avx2;
+    if (isa == AVX2 || isa == AVX2_VNNI || isa == AVX512_VNNI) row_fn = dequantize_row_avx2;
 #endif
 #pragma omp parallel for schedule(static) if (N * K >= (1 << 16))
     for (int64_t n = 0; n < N; ++n) row_fn(w + n * row_bytes, K, G, group_size, nb, dtype, out, n * K);
@@ -650,7 +761,7 @@ int awq_cpu_to_bf16(const void* x, int64_t M, int64_t K, int dtype, const void* 
     for (int64_t m = 0; m < M; ++m) {
         int64_t c = 0;
 #if AWQ_X86
-        if (isa == AVX2 || isa == AVX2_VNNI) c = to_bf16_row_avx2(x, m * K, K, dtype, act_scale, out);
+        if (isa == AVX2 || isa == AVX2_VNNI || isa == AVX512_VNNI) c = to_bf16_row_avx2(x, m * K, K, dtype, act_scale, out);
 #endif
         for (; c < K; ++c) {  // the portable path, and the vector path's last columns
             const float v = load_elem(x, m * K + c, dtype) * (act_scale ? load_elem(act_scale, c, dtype) : 1.0f);

@@ -3,7 +3,8 @@
 The kernel (``cpu_kernel.cpp``, beside this file) multiplies int4 weights in the
 ``"cpu_blocks"`` layout by activations quantized on the fly to int8 per 32 columns, with
 exact integer dot products (see the .cpp for the arithmetic). It holds an AVX2 path (and
-AVX-VNNI), a NEON path (and dotprod), and portable C++, picked by the features of the CPU
+AVX-VNNI, and AVX512-VNNI with two weight rows per register, bit-identical to AVX-VNNI),
+a NEON path (and dotprod), and portable C++, picked by the features of the CPU
 it runs on (``isa()``). It has no torch headers: the system C++ compiler builds it in
 about a second, once per (source, compiler, machine), into
 ``$AWQTENSOR_CACHE/cpu_kernel`` (default ``~/.cache/awqtensor``). OpenMP threads come
@@ -15,7 +16,7 @@ Python; where that build fails, the kernel alone (no torch headers) runs through
 from ``awqtensor/ops/cpu.py`` (``AWQTENSOR_CPU_BINDING=ctypes`` chooses that one).
 Without a compiler, or when both builds fail, one warning says why and weights stay in
 torch's int4 layout. ``AWQTENSOR_DISABLE=cpu_blocks`` turns the kernel off;
-``AWQTENSOR_CPU_ISA=scalar|avx2|avx2_vnni|neon|neon_dotprod`` forces a path.
+``AWQTENSOR_CPU_ISA=scalar|avx2|avx2_vnni|avx512_vnni|neon|neon_dotprod`` forces a path.
 
 Accuracy: int8 activations add a relative error of about 0.6% to the outputs (1% with
 outlier channels; ``tests/test_cpu_kernel.py``); perplexity moves by under 0.1 (README).
@@ -50,8 +51,8 @@ import torch
 log = logging.getLogger("awqtensor")
 SOURCE = Path(__file__).with_name("cpu_kernel.cpp")
 BINDING = Path(__file__).with_name("cpu_op.cpp")  # the kernel as awqtensor::int4_linear's C++ CPU kernel
-ISAS = {"scalar": 0, "avx2": 1, "avx2_vnni": 2, "neon": 3, "neon_dotprod": 4}
-PREFERENCE = ("avx2_vnni", "avx2", "neon_dotprod", "neon", "scalar")  # fastest first
+ISAS = {"scalar": 0, "avx2": 1, "avx2_vnni": 2, "neon": 3, "neon_dotprod": 4, "avx512_vnni": 5}
+PREFERENCE = ("avx512_vnni", "avx2_vnni", "avx2", "neon_dotprod", "neon", "scalar")  # fastest first
 DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 # The large-M route: from this many rows and multiply-adds, on CPUs with native bf16
 # matmuls. Measured on a 2-core AMX Xeon (int8 kernel against the route, SmolLM2's shapes

@@ -29,7 +29,8 @@ int isa_from_env() {
         return best;
     }
     static const struct { const char* name; int isa; } names[] = {
-        {"scalar", SCALAR}, {"avx2", AVX2}, {"avx2_vnni", AVX2_VNNI}, {"neon", NEON}, {"neon_dotprod", NEON_DOTPROD}};
+        {"scalar", SCALAR}, {"avx2", AVX2}, {"avx2_vnni", AVX2_VNNI}, {"avx512_vnni", AVX512_VNNI},
+        {"neon", NEON}, {"neon_dotprod", NEON_DOTPROD}};
     for (const auto& n : names)
         if (std::string_view(name) == n.name && awq_cpu_isa_supported(n.isa)) return n.isa;
     TORCH_CHECK(false, "AWQTENSOR_CPU_ISA=", name, ": not a path this CPU/build supports");
