@@ -24,8 +24,8 @@ outlier channels; ``tests/test_cpu_kernel.py``); perplexity moves by under 0.1 (
 Large M (prefill) on CPUs with native bf16 matmuls (AVX512-BF16 or AMX, as torch detects
 them): from ``DENSE_MIN_M`` rows and ``DENSE_MIN_MACS`` multiply-adds the C++ op
 dequantizes the weight to bf16 (``DENSE_CHUNK`` elements at a time, into a buffer each
-thread keeps) and runs torch's bf16 matmul instead (``dense_linear`` in cpu_op.cpp; not in the ctypes
-build): on our AMX Xeon, at M = 128 on 4096x4096, 4.4 ms against the int8 kernel's 20 ms
+thread keeps) and runs torch's bf16 matmul instead (``dense_linear`` in cpu_op.cpp; not
+in the ctypes build): on our AMX Xeon, at M = 128 on 4096x4096, 4.4 ms against the int8 kernel's 20 ms
 and dense fp32's 13-16 ms (``benchmarks/cpu_linear.py``). Its outputs carry bf16 rounding
 (activations, weights and result; fp32 accumulation): RTN perplexity 29.31 against 29.38
 with int8 activations and 29.30 exact (README).
@@ -81,8 +81,9 @@ def last_level_cache_bytes() -> int:
 # Weight elements the route dequantizes at a time (into a buffer each calling thread keeps):
 # a quarter of the last-level cache in bf16, so that the matmul reads them back from the
 # cache, between 1M and 16M elements (4M where the cache size is unknown). Measured on a
-# 2-core AMD EPYC with 32 MB of L3 (benchmarks/results/README.md): 4096x4096 at M = 16 takes
-# 1.9-2.3 ms in 2M-8M element chunks against 3.3 ms in one 16M chunk that spills to DRAM.
+# 2-core AMD EPYC with 32 MB of L3 (F.linear timed under dense_route(1, 0, chunk)):
+# 4096x4096 at M = 16 took 1.9-2.3 ms in 2M-8M element chunks, 3.3 ms in one 16M chunk
+# that spills to DRAM, 4-8.5 ms in chunks of 256K elements and less (torch's matmul setup).
 _LLC = last_level_cache_bytes()
 DENSE_CHUNK = min(max(_LLC // 8, 1 << 20), 1 << 24) if _LLC else 1 << 22
 # no FMA contraction of scalar code: every output takes one rounding sequence, whatever the
