@@ -28,7 +28,7 @@ KERNEL_TOLERANCE = {torch.float32: 1e-5, torch.float16: TOLERANCE[torch.float16]
 # themselves, so of the terms (measured 2e-4 / 2e-3).
 TERMS_TOLERANCE = {torch.float32: 1e-6, torch.float16: 1e-3, torch.bfloat16: 6e-3}
 
-CASES = [  # (N, K, group_size): tile remainders (N % 4), odd and even blocks per group,
+CASES = [  # (N, K, group_size): tile remainders (N % 8), odd and even blocks per group,
     (4, 64, 32), (7, 128, 64), (13, 576, 128), (40, 200, 64), (6, 100, -1), (9, 96, -1), (1, 130, 32),
 ]  # padded K, per-channel groups that are not a multiple of 32 (100 -> 4 blocks, 96 -> 3)
 

@@ -40,7 +40,11 @@
 
 enum Isa { SCALAR = 0, AVX2 = 1, AVX2_VNNI = 2, NEON = 3, NEON_DOTPROD = 4, AVX512_VNNI = 5 };
 enum Dtype { F32 = 0, BF16 = 1, F16 = 2 };
-static const int kRows = 4;  // output rows per tile: they share each activation load
+// Output rows per tile: they share each activation load. 8 rather than 4: on a 2-core AMD
+// EPYC, M = 1 single-threaded, 1.25-1.35x faster with the AVX512-VNNI path (3072x576 42 ->
+// 31 us, 4096x4096 290 -> 230 us; AVX2 paths no slower), from half the per-tile overhead
+// and twice the independent accumulator chains. Each row's arithmetic does not depend on it.
+static const int kRows = 8;
 
 // ---- dtype conversion (activations, act_scale, bias and output share one dtype) ----
 
@@ -657,7 +661,7 @@ static void quantize_rows(const Problem& p, int64_t m) {
                  p.group_size, p.nb, p.pair_permuted, p.xq + m * p.x_stride, p.dx + m * p.G * p.nb, p.xsum + m * p.G);
 }
 
-// Output rows [4t, 4t + 4) for every activation row.
+// Output rows [kRows t, kRows (t + 1)) for every activation row.
 static void run_tile(const Problem& p, int64_t t) {
     const Kernels& k = p.k;
     const int64_t n0 = t * kRows, G = p.G, nb = p.nb;
