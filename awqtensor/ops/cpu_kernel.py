@@ -58,10 +58,11 @@ DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 # matmuls. Measured on a 2-core AMX Xeon (int8 kernel against the route, SmolLM2's shapes
 # and 4096x4096): at M = 8 the kernel wins everywhere; from M = 16 the route wins once a
 # call has ~3M multiply-adds to pay for torch's matmul setup (k/v 192x576 from M = 32).
-# On a 2-core AMD EPYC with AVX512-BF16 and no AMX the route wins from M = 32; at M = 16,
-# against the kernel's AVX512-VNNI path, three runs of benchmarks/cpu_route.py (which
-# checks a CPU) put the route at 0.81-0.99x, 1.07-1.29x and 1.21-2.04x the kernel's speed
-# on the shapes with 3M multiply-adds: noise, around a tie, so M = 16 stays.
+# On a 2-core AMD EPYC with AVX512-BF16 and no AMX the route wins from M = 32 (but k/v);
+# at M = 16, against the kernel's AVX512-VNNI path, three runs of benchmarks/cpu_route.py
+# (which checks a CPU) put the route at 0.81-0.99x, 1.07-1.29x and 1.21-2.04x the kernel's
+# speed on the shapes with 3M multiply-adds, and a fourth, with 8-row tiles, at
+# 0.84-1.13x: around a tie, within noise, so M = 16 stays.
 DENSE_MIN_M = 16
 DENSE_MIN_MACS = 3_000_000
 
