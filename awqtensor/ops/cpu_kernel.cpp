@@ -39,6 +39,8 @@
 #endif
 
 enum Isa { SCALAR = 0, AVX2 = 1, AVX2_VNNI = 2, NEON = 3, NEON_DOTPROD = 4, AVX512_VNNI = 5 };
+// The x86 paths that share the AVX2 code for everything but the dot products.
+static inline bool avx2_family(int isa) { return isa == AVX2 || isa == AVX2_VNNI || isa == AVX512_VNNI; }
 enum Dtype { F32 = 0, BF16 = 1, F16 = 2 };
 // Output rows per tile: they share each activation load. 8 rather than 4: on a 2-core AMD
 // EPYC, M = 1 single-threaded, 1.25-1.35x faster with the AVX512-VNNI path (3072x576 42 ->
@@ -258,6 +260,14 @@ AWQ_AVX2_VNNI static inline __m256i dot_pair_vnni(__m256i lo, __m256i x1, __m256
     return _mm256_dpbusd_avx_epi32(_mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), lo, x1), hi, x2);
 }
 
+// The sum of 8 lanes, in one fixed order (the 512-bit path sums each half with it too).
+AWQ_AVX2 static inline float hsum8(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
 // R weight rows x MB activation rows: each 32-byte load of codes is unpacked once and
 // used MB times. Activations arrive pair-permuted (quantize_row's `vector` layout), so a
 // pair of blocks is two plain loads. Per output, the arithmetic is the same whatever R, MB.
@@ -321,10 +331,7 @@ AWQ_AVX2_VNNI static inline __m256i dot_pair_vnni(__m256i lo, __m256i x1, __m256
         }                                                                                        \
         for (int i = 0; i < MB; ++i)                                                             \
             for (int r = 0; r < R; ++r) {                                                        \
-                __m128 s = _mm_add_ps(_mm256_castps256_ps128(acc[i][r]), _mm256_extractf128_ps(acc[i][r], 1)); \
-                s = _mm_add_ps(s, _mm_movehl_ps(s, s));                                          \
-                s = _mm_add_ss(s, _mm_movehdup_ps(s));                                           \
-                out[i * R + r] = _mm_cvtss_f32(s) - corr[i][r];                                  \
+                out[i * R + r] = hsum8(acc[i][r]) - corr[i][r];                                  \
             }                                                                                    \
     }
 
@@ -427,10 +434,7 @@ AWQ_AVX512_VNNI static void rows_zmm(const uint8_t* const* w, int64_t G, int64_t
         for (int p = 0; p < P; ++p)
             for (int h = 0; h < 2; ++h) {  // the 256-bit path's horizontal sum, per half
                 const __m256 a = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(acc[i][p]), h));
-                __m128 t = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
-                t = _mm_add_ps(t, _mm_movehl_ps(t, t));
-                t = _mm_add_ss(t, _mm_movehdup_ps(t));
-                out[i * R + 2 * p + h] = _mm_cvtss_f32(t) - corr[i][2 * p + h];
+                out[i * R + 2 * p + h] = hsum8(a) - corr[i][2 * p + h];
             }
 }
 #endif  // AWQ_X86
@@ -616,12 +620,9 @@ int awq_cpu_isa_supported(int isa) {
 #if AWQ_X86
         case AVX2:
             return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
-        case AVX2_VNNI:
-            return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-                   __builtin_cpu_supports("f16c") && __builtin_cpu_supports("avxvnni");
+        case AVX2_VNNI: return awq_cpu_isa_supported(AVX2) && __builtin_cpu_supports("avxvnni");
         case AVX512_VNNI:
-            return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-                   __builtin_cpu_supports("f16c") && __builtin_cpu_supports("avx512f") &&
+            return awq_cpu_isa_supported(AVX2) && __builtin_cpu_supports("avx512f") &&
                    __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
                    __builtin_cpu_supports("avx512vnni");
 #endif
@@ -750,7 +751,7 @@ int awq_cpu_dequantize(const uint8_t* w, int64_t N, int64_t K, int64_t G, int64_
     const int64_t nb = (group_size + 31) / 32, row_bytes = G * (8 + 16 * nb);
     void (*row_fn)(const uint8_t*, int64_t, int64_t, int64_t, int64_t, int, void*, int64_t) = dequantize_row_scalar;
 #if AWQ_X86
-    if (isa == AVX2 || isa == AVX2_VNNI || isa == AVX512_VNNI) row_fn = dequantize_row_avx2;
+    if (avx2_family(isa)) row_fn = dequantize_row_avx2;
 #endif
 #pragma omp parallel for schedule(static) if (N * K >= (1 << 16))
     for (int64_t n = 0; n < N; ++n) row_fn(w + n * row_bytes, K, G, group_size, nb, dtype, out, n * K);
@@ -765,7 +766,7 @@ int awq_cpu_to_bf16(const void* x, int64_t M, int64_t K, int dtype, const void* 
     for (int64_t m = 0; m < M; ++m) {
         int64_t c = 0;
 #if AWQ_X86
-        if (isa == AVX2 || isa == AVX2_VNNI || isa == AVX512_VNNI) c = to_bf16_row_avx2(x, m * K, K, dtype, act_scale, out);
+        if (avx2_family(isa)) c = to_bf16_row_avx2(x, m * K, K, dtype, act_scale, out);
 #endif
         for (; c < K; ++c) {  // the portable path, and the vector path's last columns
             const float v = load_elem(x, m * K + c, dtype) * (act_scale ? load_elem(act_scale, c, dtype) : 1.0f);

@@ -25,10 +25,10 @@ Large M (prefill) on CPUs with native bf16 matmuls (AVX512-BF16 or AMX, as torch
 them): from ``DENSE_MIN_M`` rows and ``DENSE_MIN_MACS`` multiply-adds the C++ op
 dequantizes the weight to bf16 (``DENSE_CHUNK`` elements at a time, into a buffer each
 thread keeps) and runs torch's bf16 matmul instead (``dense_linear`` in cpu_op.cpp; not
-in the ctypes build): on our AMX Xeon, at M = 128 on 4096x4096, 4.4 ms against the int8 kernel's 20 ms
-and dense fp32's 13-16 ms (``benchmarks/cpu_linear.py``). Its outputs carry bf16 rounding
-(activations, weights and result; fp32 accumulation): RTN perplexity 29.31 against 29.38
-with int8 activations and 29.30 exact (README).
+in the ctypes build): on our AMX Xeon, at M = 128 on 4096x4096, 4.4 ms against the
+int8 kernel's 20 ms and dense fp32's 13-16 ms (``benchmarks/cpu_linear.py``). Its outputs
+carry bf16 rounding (activations, weights and result; fp32 accumulation): RTN perplexity
+29.31 against 29.38 with int8 activations and 29.30 exact (README).
 ``dense_route(None)`` or ``AWQTENSOR_DISABLE=cpu_dense_bf16`` turns it off.
 """
 
