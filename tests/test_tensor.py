@@ -95,6 +95,29 @@ def test_clone_and_detach_are_independent_copies():
     assert isinstance(t.detach(), Int4AWQTensor)
 
 
+def test_linear_argument_forms_and_errors():
+    t = weight(n=48, k=200)
+    x, b = torch.randn(3, 200), torch.randn(48)
+    expected = x.double() @ t.dequantize().double().T + b.double()
+    for y in (F.linear(x, t, b), F.linear(x, t, bias=b), F.linear(input=x, weight=t, bias=b)):
+        assert (y.double() - expected).abs().max() <= 1e-2 * expected.abs().max()
+    assert torch.equal(F.linear(x, t, b), F.linear(x, weight=t, bias=b))
+    with pytest.raises(TypeError, match=r"model.to\(torch.bfloat16\)"):
+        F.linear(x.bfloat16(), t)
+    with pytest.raises(ValueError, match="input has 199 features, the weight expects 200"):
+        F.linear(x[:, :199], t)  # still inside the last (padded) group: the op alone would accept it
+    with pytest.raises(TypeError, match="must be the weight"):
+        F.linear(t, torch.randn(5, 48))
+    # pickles do not carry the derived in_features; loading restores it
+    buf = io.BytesIO()
+    torch.save(t, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=True)
+    assert "_in_features" not in t.__getstate__() and torch.equal(loaded.dequantize(), t.dequantize())
+    y = F.linear(x, loaded, b)  # the "plain" layout pickles hold: the reference path
+    assert (y.double() - expected).abs().max() <= 1e-5 * expected.abs().max()
+
+
 def test_flatten_is_computed_once_and_matches_torchao():
     # torch.compile's guards call __tensor_flatten__ on every call; ours caches torchao's answer
     from torchao.utils import TorchAOBaseTensor
