@@ -91,7 +91,7 @@ def main():
                          **{f"{name.replace(' ', '_')}_us": round(best[name], 2) for name in names},
                          "best_possible_speedup": round(ceiling, 2), "awqtensor_speedup": round(ours, 2),
                          "device": device, **provenance()})
-    path = Path(args.csv or f"benchmarks/results/call_floor_{slug(device.split(',')[0])}.csv")
+    path = Path(args.csv or f"benchmarks/results/call_floor_{slug(device)}.csv")
     print(f"wrote {write_csv(path, rows)}")
 
 
