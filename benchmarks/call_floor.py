@@ -19,8 +19,6 @@ For each of SmolLM2's linear shapes (hot: the same weight every call), in the sa
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 from pathlib import Path
 
 import torch
@@ -28,9 +26,9 @@ import torch.nn.functional as F
 
 from awqtensor import Int4AWQTensor
 from common import cpu_device, provenance, slug, write_csv
+from cpu_linear import SHAPES as SWEEP_SHAPES, median_ms
 
-SHAPES = {"q/o": (576, 576), "k/v": (192, 576), "gate/up": (1536, 576), "down": (576, 1536),
-          "qkv fused": (960, 576), "gate_up fused": (3072, 576)}
+SHAPES = {name.removeprefix("smol "): nk for name, nk in SWEEP_SHAPES.items() if name.startswith("smol ")}
 
 
 class _Free(torch.Tensor):
@@ -43,21 +41,10 @@ class _Free(torch.Tensor):
         return cls.out
 
 
-def median_us(fn, calls: int) -> float:
-    for _ in range(calls // 10):
-        fn()
-    times = []
-    for _ in range(calls):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times) * 1e6
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--calls", type=int, default=3000, help="timed calls per measurement")
+    parser.add_argument("--min-time", type=float, default=0.1, help="seconds per measurement")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--csv", help="default: benchmarks/results/call_floor_<device>.csv")
     args = parser.parse_args()
@@ -83,7 +70,7 @@ def main():
             best = {name: float("inf") for name in calls}
             for _ in range(args.repeats):
                 for name, fn in calls.items():
-                    best[name] = min(best[name], median_us(fn, args.calls))
+                    best[name] = min(best[name], median_ms(fn, args.min_time) * 1e3)
             floor = best["subclass floor"] + best["op floor"]
             ceiling, ours = best["dense fp32"] / floor, best["dense fp32"] / best["awqtensor"]
             print(f"{shape:<14}" + "".join(f"{best[n]:>15.2f}" for n in names) + f"{ceiling:>14.2f}x{ours:>10.2f}x")
