@@ -17,14 +17,21 @@ from . import calibration
 from .calibration import observe
 from .config import AWQConfig, RTNConfig, _Int4WeightConfig
 from .memory import file_backed, release_file_pages
+from .moe import experts_to_linears
 from .tensor import Int4AWQTensor, validate_weight
 
 FilterFn = Callable[[nn.Module, str], bool]
 
 
+ROUTER_NAMES = ("gate", "router")  # a mixture of experts' router stays in float
+
+
 def default_filter(module: nn.Module, name: str) -> bool:
-    """Every nn.Linear except the output head."""
-    return isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] != "lm_head"
+    """Every nn.Linear except the output head and MoE routers (``gate``, ``router``,
+    ``*_gate`` such as Qwen2-MoE's ``shared_expert_gate``)."""
+    last = name.rsplit(".", 1)[-1]
+    return (isinstance(module, nn.Linear) and last != "lm_head" and last not in ROUTER_NAMES
+            and not last.endswith("_gate"))
 
 
 def conv1d_to_linear(model: nn.Module) -> nn.Module:
@@ -44,18 +51,38 @@ def conv1d_to_linear(model: nn.Module) -> nn.Module:
     return model
 
 
+LANGUAGE_MODEL_NAMES = ("language_model",)  # transformers' vision-language models (LLaVA, Qwen2-VL, ...)
+
+
+def language_model_prefix(model: nn.Module) -> str | None:
+    """The qualified name of a vision-language model's language model, or None."""
+    for name, _ in model.named_modules():
+        if name.rsplit(".", 1)[-1] in LANGUAGE_MODEL_NAMES:
+            return name
+    return None
+
+
 def select_linears(model: nn.Module, config: _Int4WeightConfig, filter_fn: Optional[FilterFn] = None):
-    """[(name, module)] to quantize; raises if the filter picks something that is not a Linear."""
+    """[(name, module)] to quantize; raises if the filter picks something that is not a Linear.
+    Without ``filter_fn``, a vision-language model has only its language model's Linears
+    selected: the vision tower and the projector stay in float."""
+    within = None if filter_fn is not None else language_model_prefix(model)
     filter_fn = filter_fn or default_filter
     selected = []
     for name, module in model.named_modules():
+        if within is not None and not name.startswith(within + "."):
+            continue
         if not filter_fn(module, name):
             continue
         if any(skip in name for skip in config.modules_to_not_convert):
             continue
         if not isinstance(module, nn.Linear):
+            params = {n: tuple(p.shape) for n, p in module.named_parameters(recurse=False) if p.dim() == 3}
+            held = (f"; an Int4AWQTensor holds 2-D Linear weights, not its 3-D parameters {params} "
+                    f"(transformers' fused MoE experts are split into one Linear per expert first: "
+                    f"select those)" if params else "")
             raise TypeError(f"filter_fn selected {name or '<root>'} ({type(module).__name__}), which is not "
-                            f"an nn.Linear; make the filter return True for Linear modules only")
+                            f"an nn.Linear; make the filter return True for Linear modules only{held}")
         selected.append((name, module))
     return selected
 
@@ -70,8 +97,11 @@ def quantize_(
 ) -> nn.Module:
     """Quantize ``model``'s Linear weights in place to Int4AWQTensor and return the model.
 
-    GPT-2-style ``Conv1D`` layers are first turned into equivalent nn.Linear modules.
-    Selection: ``filter_fn(module, name)`` if given, else every nn.Linear but ``lm_head``;
+    GPT-2-style ``Conv1D`` layers are first turned into equivalent nn.Linear modules, and
+    transformers' fused MoE experts (3-D parameters) into one Linear per expert
+    (``awqtensor.moe``), unless ``modules_to_not_convert`` names them.
+    Selection: ``filter_fn(module, name)`` if given, else every nn.Linear but ``lm_head``
+    and MoE routers;
     names in ``config.modules_to_not_convert`` are always left alone. Every selected
     module is validated before any is converted, so a failure leaves the model unchanged.
 
@@ -83,7 +113,9 @@ def quantize_(
     if not isinstance(config, (RTNConfig, AWQConfig)):
         raise TypeError(f"quantize_ takes rtn_config(...) or awq_config(...), got {type(config).__name__}; "
                         f"for torchao's own configs call torchao.quantization.quantize_")
-    selected = select_linears(conv1d_to_linear(model), config, filter_fn)
+    skip = config.modules_to_not_convert
+    experts_to_linears(conv1d_to_linear(model), wanted=lambda name: not any(s in name for s in skip))
+    selected = select_linears(model, config, filter_fn)
     if not selected:
         raise ValueError(f"quantize_ found no nn.Linear to quantize in {type(model).__name__} "
                          f"(filter_fn={filter_fn}, modules_to_not_convert={config.modules_to_not_convert})")

@@ -73,6 +73,9 @@ class AWQConfig(_Int4WeightConfig):
     loss of a lone Linear (o_proj, down_proj), which is exact from its input's second
     moments without running anything.
     duo_scaling: True (AutoAWQ), False (x-only), or "both" (search both families).
+    min_expert_tokens: a routed expert of a mixture of experts that receives fewer
+        calibration tokens than this is quantized round-to-nearest (scale 1, no clipping):
+        too few tokens to estimate its activations. One warning says how many did.
     step: None runs calibration and conversion in one call; "prepare" and "convert"
     split them for users running their own forward passes in between.
     """
@@ -86,6 +89,7 @@ class AWQConfig(_Int4WeightConfig):
     seq_len: int = 512
     n_finalists: int = 4
     search_tokens: Optional[int] = None
+    min_expert_tokens: int = 32
     step: Optional[str] = None
 
     def __post_init__(self):
@@ -96,6 +100,7 @@ class AWQConfig(_Int4WeightConfig):
         _check_positive_int(owner, "n_samples", self.n_samples)
         _check_positive_int(owner, "seq_len", self.seq_len, minimum=2)
         _check_positive_int(owner, "n_finalists", self.n_finalists)
+        _check_positive_int(owner, "min_expert_tokens", self.min_expert_tokens)
         if self.search_tokens is not None:
             _check_positive_int(owner, "search_tokens", self.search_tokens)
         if self.duo_scaling not in (True, False, "both"):

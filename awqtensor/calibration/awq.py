@@ -38,7 +38,7 @@ from .. import quant
 from ..tensor import Int4AWQTensor
 from ..memory import file_backed, release_file_pages, release_freed_memory
 from .blocks import StopForward, cast_floats, find_blocks, first_block_inputs, first_tensor, run_block
-from .data import calibration_batches
+from .data import calibration_batches, real_tokens, token_mask
 from .mappings import Mapping, apply_fold, discover
 from .observe import InputStats
 from .search import (clip_weight, moment_loss, scaled_grams, search_clip, search_scale,
@@ -57,7 +57,9 @@ class _Capture:
     smaller than the records would be; otherwise the loss module's (args, kwargs,
     output) are recorded for the ``loss_batches``."""
 
-    def __init__(self, block: nn.Module, mapping: Mapping, inputs, group_size: int, loss_batches: set[int]):
+    def __init__(self, block: nn.Module, mapping: Mapping, inputs, group_size: int, loss_batches: set[int],
+                 masks=None):
+        masks = masks or [None] * len(inputs)
         first = block.get_submodule(mapping.linears[0])
         module = block.get_submodule(mapping.loss_module) if mapping.loss_module else block
         self.lone = module is first and isinstance(first, nn.Linear) and _gram_is_smaller(
@@ -67,13 +69,13 @@ class _Capture:
             self.reference = first.weight.detach().clone()
 
         def stats(_, args):
-            self.stats.update(args[0])
+            self.stats.update(real_tokens(args[0], masks[self.batch]))
             if self.lone:
                 raise StopForward
 
         def grab_in(_, args, kwargs):
             if self.batch in loss_batches:
-                self.records.append([args, kwargs, None])
+                self.records.append([args, kwargs, None, masks[self.batch]])
 
         def grab_out(_, args, kwargs, out):
             if self.batch in loss_batches:
@@ -104,10 +106,11 @@ class _Capture:
                 e = (self.module.weight.detach() - self.reference).double()
                 return ((e @ self.stats.gram[:k, :k]) * e).sum().item() / (self.stats.tokens * e.shape[0])
             total, count = 0.0, 0
-            for args, kwargs, target in self.records:
+            for args, kwargs, target, mask in self.records:
                 out = first_tensor(self.module(*args, **kwargs))
-                total += (out.float() - target.float()).pow(2).sum().item()
-                count += target.numel()
+                error = real_tokens(out.float() - target.float(), mask)
+                total += error.pow(2).sum().item()
+                count += error.numel()
         return total / count
 
 
@@ -133,16 +136,21 @@ def _loss_batches(inputs, search_tokens: int | None) -> set[int]:
     return {int(i * len(inputs) / n) for i in range(n)}
 
 
-def _calibrate_mapping(block, mapping: Mapping, inputs, config, where: str):
+def _calibrate_mapping(block, mapping: Mapping, inputs, masks, config, where: str, starved: list):
     """Search, clip and fold one mapping in place; returns the scale the Linears must keep
-    as act_scale (1/s) when nothing could fold it, else None."""
+    as act_scale (1/s) when nothing could fold it, else None. A routed expert that saw
+    fewer than ``config.min_expert_tokens`` tokens is left as it is (round-to-nearest)
+    and its label appended to ``starved``."""
     linears = [block.get_submodule(n) for n in mapping.linears]
     gs = config.group_size
-    capture = _Capture(block, mapping, inputs, gs, _loss_batches(inputs, config.search_tokens))
+    capture = _Capture(block, mapping, inputs, gs, _loss_batches(inputs, config.search_tokens), masks)
+    label = f"{where}{'{' + ','.join(mapping.linears) + '}' if len(linears) > 1 else mapping.linears[0]}"
+    if mapping.routed and capture.stats.tokens < config.min_expert_tokens:
+        starved.append(label)
+        return None
     originals = [lin.weight.detach().clone() for lin in linears]
     x_mean = (capture.stats.abs_sum / capture.stats.tokens).float()
     grams = (capture.stats.grams / capture.stats.tokens).float()
-    label = f"{where}{'{' + ','.join(mapping.linears) + '}' if len(linears) > 1 else mapping.linears[0]}"
     if not (torch.isfinite(x_mean).all() and torch.isfinite(grams).all()):
         warnings.warn(f"{label}: NaN/Inf in the calibration activations; using scale 1 and no clipping "
                       f"here (plain round-to-nearest)", stacklevel=4)
@@ -189,9 +197,10 @@ def calibrate(model: nn.Module, config, selected, calibration_data, tokenizer=No
         vocab = None
     batches = calibration_batches(calibration_data, config.n_samples, config.seq_len, tokenizer, vocab)
     prefix, blocks = find_blocks(model, [m for _, m in selected])
+    masks = [token_mask(batch) for batch in batches]
     with torch.no_grad():
         inputs = cast_floats(first_block_inputs(model, blocks[0], batches), torch.float32)
-    done, discovered = set(), {}
+    done, discovered, starved = set(), {}, []
     for index, block in enumerate(tqdm(blocks, desc="AWQ", unit="block", disable=None)):
         where = f"{prefix}.{index}." if prefix else ""
         block_linears = [(n, m) for n, m in block.named_modules() if id(m) in names]
@@ -204,12 +213,13 @@ def calibrate(model: nn.Module, config, selected, calibration_data, tokenizer=No
             key = (type(block), tuple(n for n, _ in block_linears))
             if key not in discovered:
                 discovered[key] = discover(block, *inputs[0], [n for n, _ in block_linears])
-                log.debug("mappings of %s: %s", type(block).__name__, discovered[key])
+                for mapping in discovered[key]:
+                    log.debug("%s mapping %s", type(block).__name__, mapping.describe())
             if propagate == "float" and not last:
                 float_outputs = run_block(block, inputs, torch.float32)
             act_scales = {}
             for mapping in discovered[key]:
-                s = _calibrate_mapping(block, mapping, inputs, config, where)
+                s = _calibrate_mapping(block, mapping, inputs, masks, config, where, starved)
                 release_freed_memory()
                 for n in mapping.linears:
                     act_scales[n] = s
@@ -230,6 +240,11 @@ def calibrate(model: nn.Module, config, selected, calibration_data, tokenizer=No
         release_file_pages(mapped)
         del mapped
         release_freed_memory()
+    if starved:
+        warnings.warn(f"{len(starved)} expert Linear groups saw fewer than min_expert_tokens="
+                      f"{config.min_expert_tokens} calibration tokens ({starved[0]}, ...); they are quantized "
+                      f"round-to-nearest. More or more varied calibration data reaches more experts",
+                      stacklevel=3)
     rest = [(n, m) for n, m in selected if id(m) not in done]
     if rest:
         warnings.warn(f"{len(rest)} Linears lie outside the calibrated blocks ({rest[0][0]}, ...); they are "

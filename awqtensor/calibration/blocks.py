@@ -47,6 +47,17 @@ def map_tensors(obj, fn):
     return obj
 
 
+def tensors_in(obj) -> list[torch.Tensor]:
+    """Every tensor in a module's output: nested tuples/lists/dicts (ModelOutput is a dict)."""
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    if isinstance(obj, dict):
+        obj = obj.values()
+    if isinstance(obj, (tuple, list, type({}.values()))):
+        return [t for o in obj for t in tensors_in(o)]
+    return []
+
+
 def cast_floats(obj, dtype: torch.dtype):
     return map_tensors(obj, lambda t: t.to(dtype) if t.is_floating_point() else t)
 

@@ -4,6 +4,14 @@ Accepted: a [n, T] tensor or a list of 1-D token-id tensors / lists; a list of s
 (or one string, or a text file's Path) with ``tokenizer=``; or an iterable of
 model-input dicts, used as they are. Token ids are concatenated and cut into
 ``seq_len`` blocks from token 0 (AutoAWQ's rule), the first ``n_samples`` kept.
+
+Padding: a dict's 2-D ``attention_mask`` [batch, seq] marks its real tokens. Padded
+positions still run through the model (the mask keeps them out of attention), but they
+are left out of everything calibration measures: the activation statistics that choose
+the scales, the second moments that choose the clipping, and the output error that
+scores both. So padding-heavy batches calibrate like the same texts unpadded. Where a
+tensor does not have the [batch, seq, ...] shape of its mask (tokens gathered for one
+expert of a mixture of experts, say), all its rows count.
 """
 
 from __future__ import annotations
@@ -14,6 +22,22 @@ from pathlib import Path
 import torch
 
 BATCH_SIZE = 4  # blocks per forward: bounds attention-mask and activation memory
+
+
+def token_mask(batch) -> torch.Tensor | None:
+    """The real (non-padding) positions of a model-input dict, [batch, seq] bool, or None."""
+    mask = batch.get("attention_mask") if isinstance(batch, dict) else None
+    if not isinstance(mask, torch.Tensor) or mask.dim() != 2:
+        return None
+    return mask.bool()
+
+
+def real_tokens(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """The rows of ``x`` [batch, seq, ...] at real tokens, [n_real, ...] (all rows if ``mask``
+    is None or does not fit ``x``'s leading dimensions)."""
+    if mask is None or x.dim() < 3 or tuple(x.shape[:2]) != tuple(mask.shape):
+        return x
+    return x[mask.to(x.device)]
 
 
 def calibration_batches(data, n_samples: int, seq_len: int, tokenizer=None, vocab_size: int | None = None):
