@@ -8,6 +8,7 @@ Nothing here unpickles: safetensors and JSON only.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import shutil
@@ -20,6 +21,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .moe import experts_to_linears
+from .tensor import Int4AWQTensor
+
+PER_EXPERT = re.compile(r"\.experts\.\d+\.")
 SINGLE = "model.safetensors"
 INDEX = "model.safetensors.index.json"
 # Files a model directory carries besides config and weights, copied as they are.
@@ -80,9 +85,32 @@ def _keys(file: Path) -> list[str]:
         raise ValueError(f"{file} is not a readable safetensors file ({err}); it may be truncated") from err
 
 
-def read_tensors(path, desc: str = "loading") -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """(every tensor of the checkpoint, the first file's metadata), with a progress bar."""
+def sha256(tensor: torch.Tensor) -> str:
+    """Hex SHA-256 of ``tensor``'s bytes as safetensors stores them (row-major, little-endian)."""
+    data = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
+    return hashlib.sha256(data).hexdigest()
+
+
+def _verify(name: str, tensor: torch.Tensor, expected: str | None, file: Path) -> None:
+    if expected is None:
+        raise ValueError(f"{file}: {name} has no recorded checksum though the other tensors have; the "
+                         f"checkpoint was changed after it was saved: re-save or re-download it")
+    if sha256(tensor) != expected:
+        raise ValueError(f"{file}: {name} does not match its recorded checksum; the checkpoint is "
+                         f"corrupted: re-save or re-download it")
+
+
+def read_tensors(path, desc: str = "loading", checksums: dict[str, str] | None = None
+                 ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(every tensor of the checkpoint, the first file's metadata), with a progress bar.
+    With ``checksums`` ({name: sha256 hex}), every tensor must match its own and every
+    checksum must have its tensor."""
     files = weight_files(path)
+    if checksums is not None:
+        absent = sorted(set(checksums) - set(files))
+        if absent:
+            raise ValueError(f"{path}: {absent[0]} is missing: its checksum is recorded but no weight file holds "
+                             f"it; the checkpoint is incomplete: re-save or re-download it")
     tensors, metadata = {}, None
     by_file: dict[Path, list[str]] = {}
     for name, file in files.items():
@@ -97,6 +125,8 @@ def read_tensors(path, desc: str = "loading") -> tuple[dict[str, torch.Tensor], 
                         if name not in present:
                             raise ValueError(f"{name} is listed for {file.name} but missing from it")
                         tensors[name] = f.get_tensor(name)
+                        if checksums is not None:
+                            _verify(name, tensors[name], checksums.get(name), file)
                         bar.update()
             except (safetensors.SafetensorError, OSError) as err:
                 raise ValueError(f"{file} is not a readable safetensors file ({err}); it may be truncated") from err
@@ -130,6 +160,19 @@ def write_tensors(tensors: dict[str, torch.Tensor], path, shard_size="5GB", meta
                  "weight_map": {t: name for name, shard in zip(names, shards) for t in shard}}
         (path / INDEX).write_text(json.dumps(index, indent=2) + "\n")
     return names
+
+
+def nonfinite_scales(state: dict) -> list[str]:
+    """Names of the Int4AWQTensor scales and act_scales in ``state`` holding inf or nan:
+    each turns every output the weight touches into inf or nan."""
+    bad = []
+    for name, value in state.items():
+        if isinstance(value, Int4AWQTensor):
+            for field in ("scales", "act_scale"):
+                t = getattr(value, field)
+                if t is not None and not torch.isfinite(t).all():
+                    bad.append(f"{name}.{field}")
+    return bad
 
 
 def write_config(config: dict, path) -> None:
@@ -181,6 +224,8 @@ def build_model(config: dict, dtype: torch.dtype, state: dict[str, torch.Tensor]
     hf_config = AutoConfig.for_model(**config)
     with _parameters_on_meta():
         model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
+        if any(PER_EXPERT.search(name) for name in state):  # saved from awqtensor.moe's per-expert Linears
+            experts_to_linears(model)
     expected = dict(model.named_parameters(remove_duplicate=False))
     unexpected = sorted(set(state) - set(expected) - {n for n, _ in model.named_buffers()})
     if unexpected:
@@ -190,6 +235,11 @@ def build_model(config: dict, dtype: torch.dtype, state: dict[str, torch.Tensor]
         if name in expected and tuple(value.shape) != tuple(expected[name].shape):
             raise ValueError(f"{desc}: {name} has shape {tuple(value.shape)}, the config implies "
                              f"{tuple(expected[name].shape)}")
+    nonfinite = nonfinite_scales(state)
+    if nonfinite:
+        more = f" (and {len(nonfinite) - 1} more)" if len(nonfinite) > 1 else ""
+        raise ValueError(f"{desc}: {nonfinite[0]} holds inf or nan{more}; the checkpoint is corrupted or was "
+                         f"saved from a broken model: re-quantize and re-save it")
     model.load_state_dict(state, strict=False, assign=True)
     if getattr(hf_config, "tie_word_embeddings", False):
         model.tie_weights()

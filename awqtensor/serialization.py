@@ -2,13 +2,15 @@
 
 An Int4AWQTensor entry ``name`` is stored as ``name.qweight``, ``name.scales`` and, when
 present, ``name.zeros`` and ``name.act_scale`` (canonical "plain" packing), and described
-in the header's metadata under ``awqtensor`` as {name: {group_size, shape}}. Loading
-checks every described tensor's presence, shape and dtype and names the one at fault.
+in the header's metadata under ``awqtensor`` as {name: {group_size, shape, bits,
+zero_point}}. Loading checks every described tensor's presence, shape and dtype and
+names the one at fault.
 """
 
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import safetensors.torch
@@ -19,6 +21,9 @@ from .tensor import Int4AWQTensor
 
 FORMAT_VERSION = 1
 FIELDS = ("qweight", "scales", "zeros", "act_scale")
+BITS = 4
+# What a quantization_config may state, once for every weight or per weight.
+SETTINGS = ("group_size", "bits", "zero_point")
 
 
 def flatten_state_dict(state_dict: dict) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -30,7 +35,8 @@ def flatten_state_dict(state_dict: dict) -> tuple[dict[str, torch.Tensor], dict[
             for field, tensor in zip(FIELDS, (plain, value.scales, value.zeros, value.act_scale)):
                 if tensor is not None:
                     tensors[f"{name}.{field}"] = tensor.detach().contiguous()
-            described[name] = {"group_size": value.group_size, "shape": list(value.shape)}
+            described[name] = {"group_size": value.group_size, "shape": list(value.shape), "bits": BITS,
+                               "zero_point": value.zeros is not None}
         else:
             tensors[name] = value.detach().contiguous()
     metadata = {"format": "awqtensor", "version": str(FORMAT_VERSION), "awqtensor": json.dumps(described)}
@@ -92,28 +98,65 @@ def load_file(path, device: str = "cpu") -> dict:
 
 def save_quantized(model, path, shard_size="5GB") -> Path:
     """Write a quantized transformers model to directory ``path``: config.json whose
-    quantization_config describes every Int4AWQTensor (the manifest), safetensors weights
-    (sharded past ``shard_size``) and the tokenizer files. ``load_quantized`` reads it."""
+    quantization_config describes every Int4AWQTensor and records every stored tensor's
+    SHA-256 (the manifest), safetensors weights (sharded past ``shard_size``) and the
+    tokenizer files. ``load_quantized`` reads it."""
     path = Path(path)
     state = checkpoint.drop_tied(model, dict(model.state_dict()))
     if not any(isinstance(v, Int4AWQTensor) for v in state.values()):
         raise ValueError("the model has no Int4AWQTensor weights; quantize it with awqtensor.quantize_ first")
+    nonfinite = checkpoint.nonfinite_scales(state)
+    if nonfinite:
+        raise ValueError(f"the model's {nonfinite[0]} holds inf or nan, which no checkpoint should keep; "
+                         f"re-quantize that Linear from finite float weights")
     tensors, metadata = flatten_state_dict(state)
     config = model.config.to_dict()
     linears = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
     config["quantization_config"] = {
         "quant_method": "awqtensor", "format_version": FORMAT_VERSION, "weights": json.loads(metadata["awqtensor"]),
         "modules_not_converted": [n for n in linears if f"{n}.weight" not in state
-                                  or not isinstance(state[f"{n}.weight"], Int4AWQTensor)]}
+                                  or not isinstance(state[f"{n}.weight"], Int4AWQTensor)],
+        "sha256": {name: checkpoint.sha256(t) for name, t in tensors.items()}}
     checkpoint.write_tensors(tensors, path, shard_size, metadata=metadata, desc="saving")
     checkpoint.write_config(config, path)
     checkpoint.copy_side_files(model, path)
     return path
 
 
-def load_quantized(path, dtype: torch.dtype | None = None, device="cpu"):
+def _check_settings(qc: dict, header: str | None, tensors: dict, path) -> None:
+    """Every setting config.json's quantization_config states, for all weights or per
+    weight, must be the one the stored tensors were saved with (group size and shape
+    from their safetensors header, zero point from the zeros being there); a disagreement
+    names both values rather than quietly trusting one."""
+    try:
+        saved = json.loads(header or "{}")
+    except json.JSONDecodeError:
+        raise ValueError(f"{path}: the safetensors header's awqtensor metadata is not valid JSON; the checkpoint "
+                         f"is corrupted: re-save or re-download it") from None
+    weights = qc.get("weights", {})
+    unlisted = sorted(set(saved) - set(weights))
+    if unlisted:
+        raise ValueError(f"{path}: the stored tensors hold quantized {unlisted[0]}, which config.json's "
+                         f"quantization_config does not list; restore config.json or re-save the model")
+    for name, info in weights.items():
+        stored = {**saved.get(name, {}), "bits": BITS, "zero_point": f"{name}.zeros" in tensors}
+        shape = info.get("shape") or stored.get("shape")
+        for key, value in [*((key, qc[key]) for key in SETTINGS if key in qc), *info.items()]:
+            if key == "group_size" and value == -1 and shape:
+                value = shape[1]  # -1: one group per row
+            if key in stored and value != stored[key]:
+                raise ValueError(f"{path}: config.json's quantization_config says {key} {value} for {name}, "
+                                 f"but its stored tensors have {key} {stored[key]}; correct config.json "
+                                 f"or re-save the model")
+
+
+def load_quantized(path, dtype: torch.dtype | None = None, device="cpu", verify: bool = True):
     """The transformers model ``save_quantized`` wrote, Int4AWQTensor weights repacked once
-    for ``device`` and ``dtype`` (default: the config's)."""
+    for ``device`` and ``dtype`` (default: the config's).
+
+    ``verify`` checks every tensor against the SHA-256 config.json records for it (about
+    a second per GB); ``verify=False`` skips that. Scales must be finite and the config's
+    quantization settings must match the stored tensors either way."""
     path = Path(path)
     config = checkpoint.read_config(path)
     qc = config.get("quantization_config") or {}
@@ -123,7 +166,12 @@ def load_quantized(path, dtype: torch.dtype | None = None, device="cpu"):
         raise ValueError(f"{path}: config.json's quantization_config is not awqtensor's "
                          f"(quant_method {method!r}){hint}")
     dtype = dtype or checkpoint.config_dtype(config, torch.float32)
-    tensors, _ = checkpoint.read_tensors(path)
+    checksums = qc.get("sha256") if verify else None
+    if verify and checksums is None:
+        warnings.warn(f"{path} records no checksums (saved by an older awqtensor), so it loads unverified; "
+                      f"re-save it with save_quantized to add them", stacklevel=2)
+    tensors, file_metadata = checkpoint.read_tensors(path, checksums=checksums)
+    _check_settings(qc, file_metadata.get("awqtensor"), tensors, path)
     metadata = {"format": "awqtensor", "version": str(qc.get("format_version", -1)),
                 "awqtensor": json.dumps(qc.get("weights", {}))}
     # Int4AWQTensors repack explicitly: .to() of an unchanged dtype would keep the canonical layout.

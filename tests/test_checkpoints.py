@@ -2,9 +2,11 @@
 written here with plain Python ints) and awqtensor's own format, both through
 Hugging Face-style directories."""
 
+import hashlib
 import json
 import pickle
 import random
+import re
 
 import pytest
 import safetensors.torch
@@ -268,3 +270,146 @@ def test_loaders_tell_the_formats_apart(tmp_path):
         load_quantized(tmp_path / "hub")
     with pytest.raises(FileNotFoundError, match="config.json"):
         load_quantized(tmp_path)
+
+
+def _layout(file):
+    """(where the data region starts, {tensor: (begin, end)} within it), read from the
+    safetensors header by hand: an 8-byte little-endian length, then that much JSON."""
+    data = file.read_bytes()
+    length = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8: 8 + length])
+    header.pop("__metadata__", None)
+    return 8 + length, {name: tuple(info["data_offsets"]) for name, info in header.items()}
+
+
+def _edit_config(path, edit):
+    config = json.loads((path / "config.json").read_text())
+    edit(config["quantization_config"])
+    (path / "config.json").write_text(json.dumps(config))
+
+
+def test_save_quantized_records_the_sha256_of_every_stored_tensor(tmp_path):
+    save_quantized(_quantized_llama(), tmp_path)
+    file = tmp_path / "model.safetensors"
+    data, (start, layout) = file.read_bytes(), _layout(file)
+    recorded = json.loads((tmp_path / "config.json").read_text())["quantization_config"]["sha256"]
+    assert set(recorded) == set(layout)
+    for name, (begin, end) in layout.items():
+        assert recorded[name] == hashlib.sha256(data[start + begin: start + end]).hexdigest(), name
+
+
+def test_every_flipped_bit_in_the_tensor_data_is_caught_and_named(tmp_path):
+    save_quantized(_quantized_llama(), tmp_path)
+    file = tmp_path / "model.safetensors"
+    original = file.read_bytes()
+    start, layout = _layout(file)
+    rng = random.Random(0)
+    # A tensor first, then a byte in it: uniform positions would nearly all land in the embedding.
+    for hit in rng.sample(sorted(layout), 20):
+        begin, end = layout[hit]
+        flipped = bytearray(original)  # a fresh copy each time
+        flipped[start + rng.randrange(begin, end)] ^= 1 << rng.randrange(8)
+        file.write_bytes(flipped)
+        with pytest.raises(ValueError, match=rf"model.safetensors: {re.escape(hit)} does not match its "
+                                             rf"recorded checksum; the checkpoint is corrupted"):
+            load_quantized(tmp_path)
+
+
+def test_verify_false_loads_a_corrupted_checkpoint_as_it_is(tmp_path):
+    model = _quantized_llama()
+    save_quantized(model, tmp_path)
+    file = tmp_path / "model.safetensors"
+    start, layout = _layout(file)
+    name = "model.layers.1.mlp.down_proj"
+    data = bytearray(file.read_bytes())
+    data[start + layout[f"{name}.weight.qweight"][0]] ^= 0x10  # the second code of row 0
+    file.write_bytes(data)
+    with pytest.raises(ValueError, match="corrupted"):
+        load_quantized(tmp_path)
+    loaded = load_quantized(tmp_path, verify=False)
+    got, saved = loaded.get_submodule(name).weight, model.get_submodule(name).weight
+    assert not torch.equal(got.dequantize(), saved.dequantize())
+
+
+@pytest.mark.parametrize("bad", [float("inf"), float("nan")])
+def test_a_non_finite_scale_is_refused_on_save_and_on_load(tmp_path, bad):
+    name = "model.layers.0.self_attn.o_proj.weight"
+    model = _quantized_llama()
+    linear = model.get_submodule(name[: -len(".weight")])
+    w = linear.weight
+    scales = w.scales.clone()
+    scales[3, 1] = bad
+    linear.weight = nn.Parameter(w._replace(scales=scales), requires_grad=False)
+    with pytest.raises(ValueError, match=rf"{name}.scales holds inf or nan"):
+        save_quantized(model, tmp_path)
+
+    # Written into the file with a valid checksum: only the finiteness check can catch it.
+    linear.weight = w
+    save_quantized(model, tmp_path)
+    file = tmp_path / "model.safetensors"
+    with safetensors.safe_open(str(file), framework="pt") as f:
+        metadata = f.metadata()
+    tensors = safetensors.torch.load_file(file)
+    tensors[f"{name}.scales"][3, 1] = bad
+    safetensors.torch.save_file(tensors, str(file), metadata=metadata)
+    digest = hashlib.sha256(tensors[f"{name}.scales"].numpy().tobytes()).hexdigest()
+    _edit_config(tmp_path, lambda qc: qc["sha256"].update({f"{name}.scales": digest}))
+    for verify in (True, False):
+        with pytest.raises(ValueError, match=rf"{name}.scales holds inf or nan; the checkpoint is corrupted"):
+            load_quantized(tmp_path, verify=verify)
+
+
+UP = "model.layers.0.mlp.up_proj.weight"
+DISAGREEING = {  # config.json edit, the saved model's zero_point, the error
+    "group_size": (lambda qc: qc["weights"][UP].update(group_size=64), True,
+                   f"says group_size 64 for {UP}, but its stored tensors have group_size 32"),
+    "zero_point": (lambda qc: qc["weights"][UP].update(zero_point=False), True, "zero_point False .* zero_point True"),
+    "symmetric": (lambda qc: qc["weights"][UP].update(zero_point=True), False, "zero_point True .* zero_point False"),
+    "bits": (lambda qc: qc["weights"][UP].update(bits=8), True, "bits 8 .* bits 4"),
+    "shape": (lambda qc: qc["weights"][UP].update(shape=[160, 64]), True, r"shape \[160, 64\] .* shape \[160, 96\]"),
+    "top-level group_size": (lambda qc: qc.update(group_size=128), True, "group_size 128 .* group_size 32"),
+    "top-level zero_point": (lambda qc: qc.update(zero_point=False), True, "zero_point False .* zero_point True"),
+    "unlisted": (lambda qc: qc["weights"].pop(UP), True,
+                 f"hold quantized {UP}, which config.json's quantization_config does not list"),
+}
+
+
+@pytest.mark.parametrize("case", DISAGREEING)
+def test_a_config_that_disagrees_with_the_stored_tensors_names_both_values(tmp_path, case):
+    edit, zero_point, match = DISAGREEING[case]
+    save_quantized(_quantized_llama(zero_point), tmp_path)
+    _edit_config(tmp_path, edit)
+    for verify in (True, False):
+        with pytest.raises(ValueError, match=match):
+            load_quantized(tmp_path, verify=verify)
+
+
+def test_settings_stated_once_for_all_weights_load_when_they_agree(tmp_path):
+    save_quantized(_quantized_llama(group_size=-1), tmp_path)  # one group per row: K is 96 or 160
+    _edit_config(tmp_path, lambda qc: qc.update(bits=4, group_size=-1, zero_point=True))
+    load_quantized(tmp_path)
+
+
+def test_a_checkpoint_saved_before_checksums_still_loads(tmp_path):
+    """What the previous save_quantized wrote: no sha256, weights described by group_size
+    and shape only, in config.json and in the safetensors header."""
+    model = _quantized_llama()
+    save_quantized(model, tmp_path)
+
+    def old_weights(weights):
+        return {name: {"group_size": w["group_size"], "shape": w["shape"]} for name, w in weights.items()}
+
+    def old_config(qc):
+        del qc["sha256"]
+        qc["weights"] = old_weights(qc["weights"])
+
+    _edit_config(tmp_path, old_config)
+    file = tmp_path / "model.safetensors"
+    with safetensors.safe_open(str(file), framework="pt") as f:
+        metadata = f.metadata()
+    metadata["awqtensor"] = json.dumps(old_weights(json.loads(metadata["awqtensor"])))
+    safetensors.torch.save_file(safetensors.torch.load_file(file), str(file), metadata=metadata)
+    with pytest.warns(UserWarning, match="records no checksums .* re-save it"):
+        loaded = load_quantized(tmp_path)
+    with torch.no_grad():
+        assert torch.equal(loaded(_tokens()).logits, model(_tokens()).logits)
