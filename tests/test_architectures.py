@@ -6,7 +6,6 @@ import warnings
 
 import pytest
 import torch
-import transformers
 from torch import nn
 
 from awqtensor import Int4AWQTensor, awq_config, quantize_, rtn_config
@@ -17,49 +16,7 @@ from awqtensor.calibration.data import calibration_batches
 from awqtensor.calibration.mappings import apply_fold, discover
 from awqtensor.moe import RoutedExperts, experts_to_linears, split_experts
 from conftest import max_rel_err
-
-VOCAB = 320
-
-
-def build(family: str, seed: int = 0) -> nn.Module:
-    """A small random-init model of ``family``."""
-    torch.manual_seed(seed)
-    base = dict(vocab_size=VOCAB, num_hidden_layers=2, max_position_embeddings=128)
-    llama_like = dict(base, hidden_size=96, num_attention_heads=4, num_key_value_heads=2)
-    if family == "bert":
-        cfg = transformers.BertConfig(**base, hidden_size=96, intermediate_size=192, num_attention_heads=4)
-        return transformers.BertModel(cfg, add_pooling_layer=False).eval()
-    if family == "opt-post-ln":
-        cfg = transformers.OPTConfig(**base, hidden_size=96, ffn_dim=192, num_attention_heads=4,
-                                     word_embed_proj_dim=96, do_layer_norm_before=False)
-        return transformers.OPTForCausalLM(cfg).eval()
-    if family == "gptj":
-        cfg = transformers.GPTJConfig(vocab_size=VOCAB, n_embd=96, n_layer=2, n_head=4, n_positions=128,
-                                      rotary_dim=8, bos_token_id=0, eos_token_id=0)
-        return transformers.GPTJForCausalLM(cfg).eval()
-    if family == "phi":
-        cfg = transformers.PhiConfig(**base, hidden_size=96, intermediate_size=192, num_attention_heads=4,
-                                     partial_rotary_factor=0.5)
-        return transformers.PhiForCausalLM(cfg).eval()
-    if family == "mixtral":
-        cfg = transformers.MixtralConfig(**llama_like, intermediate_size=64, num_local_experts=4,
-                                         num_experts_per_tok=2)
-    elif family == "qwen2-moe":
-        cfg = transformers.Qwen2MoeConfig(**llama_like, intermediate_size=128, moe_intermediate_size=64,
-                                          shared_expert_intermediate_size=96, num_experts=4, num_experts_per_tok=2)
-    elif family == "qwen3-moe":
-        cfg = transformers.Qwen3MoeConfig(**llama_like, intermediate_size=128, moe_intermediate_size=64,
-                                          num_experts=4, num_experts_per_tok=2, head_dim=24)
-    elif family == "deepseek-v3":
-        cfg = transformers.DeepseekV3Config(**dict(llama_like, num_key_value_heads=4), intermediate_size=128,
-                                            moe_intermediate_size=64, n_routed_experts=4, num_experts_per_tok=2,
-                                            n_shared_experts=1, first_k_dense_replace=1, n_group=1, topk_group=1,
-                                            q_lora_rank=None, kv_lora_rank=32, qk_rope_head_dim=16,
-                                            qk_nope_head_dim=16, v_head_dim=24)
-    else:
-        raise ValueError(family)
-    return transformers.AutoModelForCausalLM.from_config(cfg).eval()
-
+from families import VOCAB, build, tiny_llava
 
 def ids(n, seq_len, seed):
     return torch.randint(0, VOCAB, (n, seq_len), generator=torch.Generator().manual_seed(seed))
@@ -182,3 +139,146 @@ def test_padded_positions_are_left_out_of_the_statistics():
     masked = _Capture(block, mapping, [((noisy,), {})], 32, {0}, masks=[mask])
     assert masked.stats.tokens == clean.stats.tokens == 16
     assert torch.allclose(masked.stats.abs_sum, clean.stats.abs_sum)
+
+
+MOE_FAMILIES = ["mixtral", "qwen2-moe", "qwen3-moe", "deepseek-v3"]
+
+
+def expert_linears(model):
+    return [(n, m) for n, m in model.named_modules()
+            if isinstance(m, nn.Linear) and any(isinstance(p, RoutedExperts) for p in _parents(model, n))]
+
+
+def _parents(model, name):
+    parts = name.split(".")
+    return [model.get_submodule(".".join(parts[:i])) for i in range(1, len(parts))]
+
+
+@pytest.mark.parametrize("family", MOE_FAMILIES)
+def test_fused_experts_split_into_linears_keep_the_function(family):
+    model = build(family)
+    held = ids(2, 24, seed=4)
+    expected = output(model, held)
+    experts_to_linears(model)
+    assert not [n for n, p in model.named_parameters() if p.dim() == 3]
+    assert max_rel_err(output(model, held), expected) < 1e-5
+
+
+@pytest.mark.parametrize("family", MOE_FAMILIES)
+def test_every_expert_is_quantized_and_the_router_stays_float(family):
+    reference, model = build(family), build(family)
+    held = ids(2, 32, seed=6)
+    expected = output(reference, held)
+    quantize_(model, awq_config(group_size=32, n_samples=8, seq_len=32, min_expert_tokens=8),
+              calibration_data=ids(8, 32, seed=1))
+    experts = expert_linears(model)
+    n_layers_with_experts = sum(isinstance(m, RoutedExperts) for m in model.modules())
+    assert n_layers_with_experts and len(experts) == n_layers_with_experts * 4 * 3
+    assert all(isinstance(m.weight, Int4AWQTensor) for _, m in experts)
+    assert all(m.weight.act_scale is not None for n, m in experts if n.endswith(("gate_proj", "up_proj")))
+    assert not [n for n, p in model.named_parameters() if p.dim() == 3]
+    routers = [m for n, m in model.named_modules() if n.endswith((".gate", "_gate"))]
+    assert routers and all(not isinstance(p, Int4AWQTensor) for r in routers for p in r.parameters())
+    assert relative_error(output(model, held), expected) < 0.3
+
+
+def test_experts_with_too_few_tokens_fall_back_to_rtn_with_one_warning():
+    model, rtn = build("qwen3-moe"), build("qwen3-moe")
+    quantize_(rtn, rtn_config(group_size=32))
+    with pytest.warns(UserWarning, match="expert Linear groups saw fewer than min_expert_tokens") as record:
+        quantize_(model, awq_config(group_size=32, n_samples=2, seq_len=16, min_expert_tokens=10**6),
+                  calibration_data=ids(2, 16, seed=1))
+    assert sum("min_expert_tokens" in str(w.message) for w in record) == 1
+    for (name, a), (_, b) in zip(expert_linears(model), expert_linears(rtn)):
+        assert torch.equal(a.weight.dequantize(), b.weight.dequantize()), name
+
+
+def test_quantized_moe_compiles_in_one_graph():
+    model = build("mixtral")
+    model.model.layers = model.model.layers[:1]
+    quantize_(model, rtn_config(group_size=32))
+    held = ids(1, 12, seed=2)
+    eager = output(model, held)
+    compiled = torch.compile(model, fullgraph=True)
+    # Compiled, every expert runs on every token (weighted by 0 where not routed), so the
+    # CPU op sees other batch sizes: its int8 activations round a little differently.
+    assert max_rel_err(output(compiled, held), eager) < 2e-3
+
+
+class _NormedExperts(nn.Module):
+    """Fused experts with a norm after each expert: not expressible as plain Linears."""
+
+    has_post_expert_norm = True
+
+    def __init__(self):
+        super().__init__()
+        self.gate_up_proj = nn.Parameter(torch.randn(2, 16, 8))
+        self.down_proj = nn.Parameter(torch.randn(2, 8, 8))
+        self.act_fn = nn.SiLU()
+
+
+def test_unrecognised_experts_say_what_was_found():
+    with pytest.raises(NotImplementedError, match=r"has_post_expert_norm.*down_proj.*modules_to_not_convert"):
+        split_experts(_NormedExperts())
+    model = nn.Sequential(nn.Linear(8, 8), _NormedExperts())
+    quantize_(model, rtn_config(group_size=-1, modules_to_not_convert=["1"]))
+    assert isinstance(model[0].weight, Int4AWQTensor) and model[1].down_proj.dim() == 3
+
+
+def test_moe_keeps_only_experts_compatible_filters():
+    model = build("mixtral")
+    with pytest.raises(TypeError, match="not an nn.Linear"):
+        quantize_(model, rtn_config(group_size=32), filter_fn=lambda m, n: n.endswith("mlp.experts"))
+
+
+def test_vision_language_model_quantizes_its_language_model_only():
+    """Text-only calibration; the vision tower and projector stay float; an image+text
+    forward still runs and stays close to the float model's."""
+    reference, model = tiny_llava(), tiny_llava()
+    quantize_(model, awq_config(group_size=32, n_samples=8, seq_len=32),
+              calibration_data=torch.randint(0, VOCAB - 1, (8, 32), generator=torch.Generator().manual_seed(1)))
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear):
+            quantized = isinstance(module.weight, Int4AWQTensor)
+            assert quantized == name.startswith("model.language_model."), name
+    image_tokens = torch.full((2, 16), VOCAB - 1)
+    text = torch.randint(0, VOCAB - 1, (2, 20), generator=torch.Generator().manual_seed(3))
+    batch = {"input_ids": torch.cat([image_tokens, text], 1), "pixel_values": torch.randn(2, 3, 32, 32)}
+    from conftest import sqnr_db
+
+    rtn = tiny_llava()
+    quantize_(rtn, rtn_config(group_size=32))
+    expected = output(reference, batch)
+    awq_sqnr, rtn_sqnr = sqnr_db(expected, output(model, batch)), sqnr_db(expected, output(rtn, batch))
+    assert awq_sqnr > 15 and awq_sqnr > rtn_sqnr - 0.5, (awq_sqnr, rtn_sqnr)
+    everything = tiny_llava()
+    quantize_(everything, rtn_config(group_size=32), filter_fn=lambda m, n: isinstance(m, nn.Linear))
+    assert isinstance(everything.model.multi_modal_projector.linear_1.weight, Int4AWQTensor)
+
+
+@pytest.mark.parametrize("family", ["qwen3-moe", "deepseek-v3"])
+def test_moe_checkpoints_round_trip_with_identical_logits(family, tmp_path):
+    from awqtensor import load_autoawq, load_quantized, save_autoawq, save_quantized
+
+    model = build(family)
+    quantize_(model, awq_config(group_size=32, n_samples=8, seq_len=32, min_expert_tokens=8),
+              calibration_data=ids(8, 32, seed=1))
+    held = ids(2, 24, seed=8)
+    expected = output(model, held)
+    save_quantized(model, tmp_path / "native")
+    assert torch.equal(output(load_quantized(tmp_path / "native"), held), expected)
+    # AutoAWQ's format holds no act_scale (RTN instead) and stores fp16 scales: the first
+    # trip rounds them, every later one is exact.
+    rtn = build(family)
+    quantize_(rtn, rtn_config(group_size=32))
+    save_autoawq(rtn, tmp_path / "autoawq", dtype=torch.float32)
+    once = load_autoawq(tmp_path / "autoawq")
+    moe_layers = sum(isinstance(m, RoutedExperts) for m in rtn.modules())
+    assert sum(".experts.3.down_proj.weight" in n for n, _ in once.named_parameters()) == moe_layers > 0
+    loaded = dict(once.named_parameters())
+    for name, linear in expert_linears(rtn):
+        w, got = linear.weight, loaded[f"{name}.weight"]
+        assert torch.equal(got.plain_qweight(), w.plain_qweight()) and torch.equal(got.zeros, w.zeros)
+        assert torch.equal(got.scales, w.scales.half().float())
+    save_autoawq(once, tmp_path / "again", dtype=torch.float32)
+    assert torch.equal(output(load_autoawq(tmp_path / "again"), held), output(once, held))
