@@ -1,5 +1,24 @@
 """awqtensor: activation-aware int4 weight quantization as a PyTorch tensor subclass."""
 
+import logging
+
+
+def _import_torchao_quietly() -> None:
+    """torchao's import logs warnings a user cannot act on (CUDA-only extensions that a CPU
+    build cannot load, torch's pytree deprecations); keep the first import silent."""
+    loggers = [logging.getLogger(name) for name in ("torchao", "torch.utils._pytree")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        import torchao.quantization  # noqa: F401
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+
+
+_import_torchao_quietly()
+
 from .api import quantize_
 from .autoawq import load_autoawq, save_autoawq
 from .config import AWQConfig, RTNConfig, awq_config, rtn_config

@@ -61,3 +61,15 @@ def tiny_llava(seed=0):
     config = transformers.LlavaConfig(text_config=text, vision_config=vision, image_token_index=VOCAB - 1,
                                       vision_feature_layer=-1)
     return transformers.LlavaForConditionalGeneration(config).eval()
+
+
+def tiny_qwen2_vl(seed=0):
+    torch.manual_seed(seed)
+    text = dict(vocab_size=VOCAB, hidden_size=96, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, max_position_embeddings=256,
+                rope_scaling={"type": "mrope", "mrope_section": [4, 4, 4]})
+    vision = dict(depth=2, embed_dim=64, hidden_size=96, num_heads=4, mlp_ratio=2, patch_size=4,
+                  spatial_merge_size=2, temporal_patch_size=2, in_channels=3)
+    config = transformers.Qwen2VLConfig(text_config=text, vision_config=vision, image_token_id=VOCAB - 1,
+                                        video_token_id=VOCAB - 2, vision_start_token_id=VOCAB - 3)
+    return transformers.Qwen2VLForConditionalGeneration(config).eval()

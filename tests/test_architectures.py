@@ -16,7 +16,7 @@ from awqtensor.calibration.data import calibration_batches
 from awqtensor.calibration.mappings import apply_fold, discover
 from awqtensor.moe import RoutedExperts, experts_to_linears, split_experts
 from conftest import max_rel_err
-from families import VOCAB, build, tiny_llava
+from families import VOCAB, build, tiny_llava, tiny_qwen2_vl
 
 def ids(n, seq_len, seed):
     return torch.randint(0, VOCAB, (n, seq_len), generator=torch.Generator().manual_seed(seed))
@@ -282,3 +282,12 @@ def test_moe_checkpoints_round_trip_with_identical_logits(family, tmp_path):
         assert torch.equal(got.scales, w.scales.half().float())
     save_autoawq(once, tmp_path / "again", dtype=torch.float32)
     assert torch.equal(output(load_autoawq(tmp_path / "again"), held), output(once, held))
+
+
+def test_qwen2_vl_calibrates_on_text_and_leaves_its_vision_tower_float():
+    model = tiny_qwen2_vl()
+    quantize_(model, awq_config(group_size=32, n_samples=4, seq_len=32),
+              calibration_data=torch.randint(0, VOCAB - 3, (4, 32), generator=torch.Generator().manual_seed(1)))
+    linears = {n: isinstance(m.weight, Int4AWQTensor) for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    assert any(n.startswith("model.visual.") for n in linears)
+    assert all(quantized == n.startswith("model.language_model.") for n, quantized in linears.items())

@@ -136,18 +136,65 @@ def _loss_batches(inputs, search_tokens: int | None) -> set[int]:
     return {int(i * len(inputs) / n) for i in range(n)}
 
 
-def _calibrate_mapping(block, mapping: Mapping, inputs, masks, config, where: str, starved: list):
+def _routed_inputs(block: nn.Module, experts: str, inputs) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(hidden_states, top_k_index) that the RoutedExperts at ``experts`` receive for each
+    batch: one pass of the block, stopped there."""
+    captured = []
+
+    def grab(_, args, kwargs):
+        params = dict(zip(("hidden_states", "top_k_index", "top_k_weights"), args), **kwargs)
+        captured.append((params["hidden_states"].detach(), params["top_k_index"].detach()))
+        raise StopForward
+
+    handle = block.get_submodule(experts).register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            for args, kwargs in inputs:
+                try:
+                    block(*args, **kwargs)
+                except StopForward:
+                    pass
+    finally:
+        handle.remove()
+    return captured
+
+
+def _tokens_of_expert(block, expert: str, inputs, masks, routed: dict):
+    """Per batch, (hidden_states, indices of the real tokens routed to ``expert``). The
+    experts' inputs are captured once per block, when their first mapping comes:
+    calibrating an expert changes nothing upstream of the experts."""
+    experts, _, index = expert.rpartition(".")
+    if experts not in routed:
+        routed.clear()  # another experts module's, no longer needed
+        routed[experts] = _routed_inputs(block, experts, inputs)
+    out = []
+    for (hidden, top_k), mask in zip(routed[experts], masks or [None] * len(inputs)):
+        chosen = (top_k == int(index)).any(-1)
+        if mask is not None and mask.numel() == chosen.numel():  # tokens flattened from [batch, seq]
+            chosen &= mask.reshape(-1).to(chosen.device)
+        out.append((hidden, chosen.nonzero().squeeze(-1)))
+    return out
+
+
+def _calibrate_mapping(block, mapping: Mapping, inputs, masks, config, where: str, starved: list,
+                       routed: dict | None = None):
     """Search, clip and fold one mapping in place; returns the scale the Linears must keep
-    as act_scale (1/s) when nothing could fold it, else None. A routed expert that saw
-    fewer than ``config.min_expert_tokens`` tokens is left as it is (round-to-nearest)
-    and its label appended to ``starved``."""
+    as act_scale (1/s) when nothing could fold it, else None. A routed expert's mapping is
+    calibrated on that expert alone, fed the tokens routed to it (``routed`` caches the
+    experts' inputs); one that saw fewer than ``config.min_expert_tokens`` tokens is left
+    as it is (round-to-nearest) and its label appended to ``starved``."""
     linears = [block.get_submodule(n) for n in mapping.linears]
     gs = config.group_size
-    capture = _Capture(block, mapping, inputs, gs, _loss_batches(inputs, config.search_tokens), masks)
     label = f"{where}{'{' + ','.join(mapping.linears) + '}' if len(linears) > 1 else mapping.linears[0]}"
-    if mapping.routed and capture.stats.tokens < config.min_expert_tokens:
-        starved.append(label)
-        return None
+    if mapping.expert:  # only the tokens routed to this expert, from the experts' captured inputs
+        expert = block.get_submodule(mapping.expert)
+        routed_tokens = _tokens_of_expert(block, mapping.expert, inputs, masks, {} if routed is None else routed)
+        inputs = [((hidden[tokens],), {}) for hidden, tokens in routed_tokens if tokens.numel()]
+        if sum(_tokens(*batch) for batch in inputs) < config.min_expert_tokens:
+            starved.append(label)
+            return None
+        block, mapping, masks = expert, mapping.within(mapping.expert), None
+    capture = _Capture(block, mapping, inputs, gs, _loss_batches(inputs, config.search_tokens), masks)
     originals = [lin.weight.detach().clone() for lin in linears]
     x_mean = (capture.stats.abs_sum / capture.stats.tokens).float()
     grams = (capture.stats.grams / capture.stats.tokens).float()
@@ -217,9 +264,9 @@ def calibrate(model: nn.Module, config, selected, calibration_data, tokenizer=No
                     log.debug("%s mapping %s", type(block).__name__, mapping.describe())
             if propagate == "float" and not last:
                 float_outputs = run_block(block, inputs, torch.float32)
-            act_scales = {}
+            act_scales, routed = {}, {}
             for mapping in discovered[key]:
-                s = _calibrate_mapping(block, mapping, inputs, masks, config, where, starved)
+                s = _calibrate_mapping(block, mapping, inputs, masks, config, where, starved, routed)
                 release_freed_memory()
                 for n in mapping.linears:
                     act_scales[n] = s

@@ -53,7 +53,15 @@ class Mapping:
     fold: str
     loss_module: str
     reason: str = field(default="", compare=False)
-    routed: bool = field(default=False, compare=False)  # a routed expert's: sees only its tokens
+    expert: str = field(default="", compare=False)  # a routed expert's group: that expert's path
+
+    def within(self, path: str) -> "Mapping":
+        """This mapping with names relative to the submodule at ``path``."""
+        def cut(name):
+            return "" if name == path else name[len(path) + 1:] if name and name.startswith(path + ".") else name
+
+        return Mapping(tuple(cut(n) for n in self.linears), self.producer and cut(self.producer), self.fold,
+                       cut(self.loss_module), self.reason)
 
     def describe(self) -> str:
         group = "{" + ", ".join(self.linears) + "}"
@@ -191,7 +199,7 @@ def _expert_mappings(experts: RoutedExperts, prefix: str, linear_names: list[str
             templates[names] = discover(expert, (x,), {}, list(names))
         join = lambda n: f"{path}.{n}" if n else path  # noqa: E731
         mappings += [Mapping(tuple(join(n) for n in m.linears), m.producer and join(m.producer), m.fold,
-                             join(m.loss_module), m.reason, routed=True) for m in templates[names]]
+                             join(m.loss_module), m.reason, expert=path) for m in templates[names]]
     return mappings
 
 
