@@ -15,10 +15,17 @@ Nibble i (bits 4i..4i+3) of word c holds output column 8c + ORDER[i]; the weight
 
 Int4AWQTensor keeps codes along K ([N, K/2] nibbles) with scales and zeros [N, groups],
 so converting is a transpose and a repack, done once at load or save time.
+
+Mixtures of experts are stored one Linear per expert. Mixtral-style models (the hub's
+checkpoints, AutoAWQ's and vLLM's Mixtral loaders) name them
+``block_sparse_moe.experts.{e}.w1/w3/w2`` (gate/up/down) where transformers 5 says
+``mlp.experts.{e}.gate_proj/up_proj/down_proj``: those names are written and read here;
+Qwen- and DeepSeek-style models keep transformers' names, which are theirs too.
 """
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import torch
@@ -115,6 +122,34 @@ def _quantization_config(config: dict, path) -> dict:
     return qc
 
 
+# (transformers 5's name, the Mixtral checkpoint's), applied in this order when saving.
+_MIXTRAL_NAMES = ((r"\.mlp\.", ".block_sparse_moe."), (r"(\.experts\.\d+\.)gate_proj\.", r"\1w1."),
+                  (r"(\.experts\.\d+\.)up_proj\.", r"\1w3."), (r"(\.experts\.\d+\.)down_proj\.", r"\1w2."))
+
+
+def _mixtral_style(config: dict) -> bool:
+    """Whether the model's checkpoints name experts Mixtral's way (transformers says which)."""
+    try:
+        from transformers.conversion_mapping import _MODEL_TO_CONVERSION_PATTERN as styles
+    except ImportError:  # pragma: no cover - older transformers: Mixtral itself
+        styles = {}
+    model_type = config.get("model_type")
+    return model_type == "mixtral" or styles.get(model_type) == "mixtral"
+
+
+def _to_mixtral_names(name: str) -> str:
+    for ours, theirs in _MIXTRAL_NAMES:
+        name = re.sub(ours, theirs, name)
+    return name
+
+
+def _from_mixtral_names(name: str) -> str:
+    name = name.replace(".block_sparse_moe.", ".mlp.")
+    for part, theirs in (("gate_proj", "w1"), ("up_proj", "w3"), ("down_proj", "w2")):
+        name = re.sub(rf"(\.experts\.\d+\.){theirs}\.", rf"\1{part}.", name)
+    return name
+
+
 def load_autoawq(path, dtype: torch.dtype | None = None, device="cpu") -> nn.Module:
     """A transformers model from an AutoAWQ GEMM checkpoint directory, each quantized Linear
     holding an Int4AWQTensor (repacked once for ``device``). ``dtype`` defaults to the
@@ -137,6 +172,8 @@ def load_autoawq(path, dtype: torch.dtype | None = None, device="cpu") -> nn.Mod
         state[f"{prefix}.weight"] = weight
     for name, t in tensors.items():
         state[name] = t.to(dtype) if t.is_floating_point() else t
+    if _mixtral_style(config):
+        state = {_from_mixtral_names(name): t for name, t in state.items()}
     model = checkpoint.build_model(config, dtype, state, desc=str(path))
     return model.to(device) if torch.device(device).type != "cpu" else model
 
@@ -162,10 +199,13 @@ def save_autoawq(model: nn.Module, path, shard_size="5GB", dtype: torch.dtype = 
             tensors[name] = value.to(dtype) if value.is_floating_point() else value
     tensors = checkpoint.drop_tied(model, tensors)
     config = model.config.to_dict()
+    if _mixtral_style(config):
+        tensors = {_to_mixtral_names(name): t for name, t in tensors.items()}
     linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
     config["quantization_config"] = {
         "quant_method": "awq", "bits": 4, "group_size": group_sizes.pop(), "zero_point": True, "version": "gemm",
-        "modules_to_not_convert": sorted(n for n in linears if n not in quantized) or None}
+        "modules_to_not_convert": sorted(_to_mixtral_names(n) if _mixtral_style(config) else n
+                                         for n in linears if n not in quantized) or None}
     config["torch_dtype"] = config["dtype"] = str(dtype).removeprefix("torch.")
     checkpoint.write_tensors(tensors, path, shard_size, desc="saving AutoAWQ")
     checkpoint.write_config(config, path)

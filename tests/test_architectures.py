@@ -256,7 +256,7 @@ def test_vision_language_model_quantizes_its_language_model_only():
     assert isinstance(everything.model.multi_modal_projector.linear_1.weight, Int4AWQTensor)
 
 
-@pytest.mark.parametrize("family", ["qwen3-moe", "deepseek-v3"])
+@pytest.mark.parametrize("family", ["mixtral", "qwen3-moe", "deepseek-v3"])
 def test_moe_checkpoints_round_trip_with_identical_logits(family, tmp_path):
     from awqtensor import load_autoawq, load_quantized, save_autoawq, save_quantized
 
@@ -272,6 +272,14 @@ def test_moe_checkpoints_round_trip_with_identical_logits(family, tmp_path):
     rtn = build(family)
     quantize_(rtn, rtn_config(group_size=32))
     save_autoawq(rtn, tmp_path / "autoawq", dtype=torch.float32)
+    import safetensors
+
+    with safetensors.safe_open(tmp_path / "autoawq" / "model.safetensors", "pt") as f:
+        stored = set(f.keys())
+    # The names vLLM's and AutoAWQ's loaders read: Mixtral's own, the others' as transformers'.
+    expert = ("model.layers.1.block_sparse_moe.experts.2.w3.qweight" if family == "mixtral"
+              else "model.layers.1.mlp.experts.2.up_proj.qweight")
+    assert expert in stored and not any(".experts.gate_up_proj" in n for n in stored)
     once = load_autoawq(tmp_path / "autoawq")
     moe_layers = sum(isinstance(m, RoutedExperts) for m in rtn.modules())
     assert sum(".experts.3.down_proj.weight" in n for n, _ in once.named_parameters()) == moe_layers > 0
