@@ -62,6 +62,38 @@ def language_model_prefix(model: nn.Module) -> str | None:
     return None
 
 
+@torch.no_grad()
+def _computes_linear(module: nn.Linear) -> bool:
+    """Whether an nn.Linear subclass's own forward computes F.linear (checked on a random
+    input, e.g. Falcon's ``input @ self.weight.T + bias``)."""
+    weight = module.weight
+    x = torch.randn(3, module.in_features, generator=torch.Generator().manual_seed(0)).to(weight)
+    try:
+        out = module(x)
+    except Exception:  # noqa: BLE001  (a forward that needs more than one tensor is not a Linear's)
+        return False
+    expected = torch.nn.functional.linear(x, weight, module.bias)
+    return (isinstance(out, torch.Tensor) and out.shape == expected.shape
+            and torch.allclose(out.float(), expected.float(), rtol=1e-3, atol=1e-5))
+
+
+def linear_subclasses_to_linear(model: nn.Module) -> nn.Module:
+    """Replace, in place, each nn.Linear subclass whose own forward is a plain linear map
+    (verified) by an nn.Linear holding the same parameters, so that its weight's
+    F.linear handler serves it: an Int4AWQTensor has no ``.T`` to matmul by."""
+    for name, module in list(model.named_modules()):
+        if type(module) is nn.Linear or not isinstance(module, nn.Linear) or not name:
+            continue
+        if type(module).forward is nn.Linear.forward or not _computes_linear(module):
+            continue
+        linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None,
+                           device="meta")
+        linear.weight, linear.bias = module.weight, module.bias
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, linear)
+    return model
+
+
 def select_linears(model: nn.Module, config: _Int4WeightConfig, filter_fn: Optional[FilterFn] = None):
     """[(name, module)] to quantize; raises if the filter picks something that is not a Linear.
     Without ``filter_fn``, a vision-language model has only its language model's Linears
@@ -97,7 +129,8 @@ def quantize_(
 ) -> nn.Module:
     """Quantize ``model``'s Linear weights in place to Int4AWQTensor and return the model.
 
-    GPT-2-style ``Conv1D`` layers are first turned into equivalent nn.Linear modules, and
+    GPT-2-style ``Conv1D`` layers and nn.Linear subclasses whose forward is a plain linear
+    map (Falcon's) are first turned into equivalent nn.Linear modules, and
     transformers' fused MoE experts (3-D parameters) into one Linear per expert
     (``awqtensor.moe``), unless ``modules_to_not_convert`` names them.
     Selection: ``filter_fn(module, name)`` if given, else every nn.Linear but ``lm_head``
@@ -114,7 +147,8 @@ def quantize_(
         raise TypeError(f"quantize_ takes rtn_config(...) or awq_config(...), got {type(config).__name__}; "
                         f"for torchao's own configs call torchao.quantization.quantize_")
     skip = config.modules_to_not_convert
-    experts_to_linears(conv1d_to_linear(model), wanted=lambda name: not any(s in name for s in skip))
+    linear_subclasses_to_linear(conv1d_to_linear(model))
+    experts_to_linears(model, wanted=lambda name: not any(s in name for s in skip))
     selected = select_linears(model, config, filter_fn)
     if not selected:
         raise ValueError(f"quantize_ found no nn.Linear to quantize in {type(model).__name__} "

@@ -33,11 +33,11 @@ from awqtensor import Int4AWQTensor, awq_config, quantize_, rtn_config  # noqa: 
 from awqtensor.moe import RoutedExperts  # noqa: E402
 from common import cpu_device, provenance, write_csv  # noqa: E402
 
-FAMILIES = ["llama", "bert", "opt-post-ln", "gptj", "phi", "mixtral", "qwen2-moe", "qwen3-moe", "deepseek-v3",
-            "llava"]
+FAMILIES = ["llama", "bert", "opt-post-ln", "gptj", "phi", "falcon", "mixtral", "qwen2-moe", "qwen3-moe",
+            "deepseek-v3", "llava"]
 STRUCTURE = {"llama": "pre-LN decoder", "bert": "post-LN encoder", "opt-post-ln": "post-LN decoder",
-             "gptj": "parallel residual", "phi": "parallel residual", "mixtral": "MoE",
-             "qwen2-moe": "MoE + shared expert", "qwen3-moe": "MoE", "deepseek-v3": "MoE + shared, MLA",
+             "gptj": "parallel residual", "phi": "parallel residual", "falcon": "parallel residual",
+             "mixtral": "MoE", "qwen2-moe": "MoE + shared expert", "qwen3-moe": "MoE", "deepseek-v3": "MoE + shared, MLA",
              "llava": "vision-language"}
 
 

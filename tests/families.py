@@ -28,6 +28,10 @@ def build(family: str, seed: int = 0) -> nn.Module:
         cfg = transformers.PhiConfig(**base, hidden_size=96, intermediate_size=192, num_attention_heads=4,
                                      partial_rotary_factor=0.5)
         return transformers.PhiForCausalLM(cfg).eval()
+    if family == "falcon":  # parallel attention and MLP, one shared norm (Falcon-7B style)
+        cfg = transformers.FalconConfig(**base, hidden_size=96, num_attention_heads=4, parallel_attn=True,
+                                        new_decoder_architecture=False)
+        return transformers.FalconForCausalLM(cfg).eval()
     if family == "mixtral":
         cfg = transformers.MixtralConfig(**llama_like, intermediate_size=64, num_local_experts=4,
                                          num_experts_per_tok=2)

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from awqtensor import Int4AWQTensor, awq_config, quantize_, rtn_config
-from awqtensor.api import conv1d_to_linear, select_linears
+from awqtensor.api import conv1d_to_linear, linear_subclasses_to_linear, select_linears
 from awqtensor.calibration.awq import _Capture
 from awqtensor.calibration.blocks import find_blocks, first_block_inputs
 from awqtensor.calibration.data import calibration_batches
@@ -32,7 +32,7 @@ def relative_error(actual, expected) -> float:
     return ((actual.double() - expected.double()).norm() / expected.double().norm()).item()
 
 
-RESIDUAL_FAMILIES = ["bert", "opt-post-ln", "gptj", "phi"]
+RESIDUAL_FAMILIES = ["bert", "opt-post-ln", "gptj", "phi", "falcon"]
 
 
 @pytest.mark.parametrize("family", RESIDUAL_FAMILIES)
@@ -44,7 +44,7 @@ def test_scaling_without_quantization_preserves_the_model(family):
     held = ids(2, 40, seed=5)
     expected = output(model, held)
     config = awq_config(group_size=32)
-    selected = select_linears(conv1d_to_linear(model), config)
+    selected = select_linears(linear_subclasses_to_linear(conv1d_to_linear(model)), config)
     _, blocks = find_blocks(model, [m for _, m in selected])
     chosen = {id(m) for _, m in selected}
     args, kwargs = first_block_inputs(model, blocks[0], calibration_batches(ids(4, 32, seed=1), 4, 32))[0]
