@@ -299,3 +299,11 @@ def test_qwen2_vl_calibrates_on_text_and_leaves_its_vision_tower_float():
     linears = {n: isinstance(m.weight, Int4AWQTensor) for n, m in model.named_modules() if isinstance(m, nn.Linear)}
     assert any(n.startswith("model.visual.") for n in linears)
     assert all(quantized == n.startswith("model.language_model.") for n, quantized in linears.items())
+
+
+def test_torchao_quantize_reaches_experts_once_they_are_linears():
+    import torchao
+
+    model = experts_to_linears(build("qwen3-moe"))
+    torchao.quantization.quantize_(model, rtn_config(group_size=32))
+    assert all(isinstance(m.weight, Int4AWQTensor) for _, m in expert_linears(model))
