@@ -307,3 +307,21 @@ def test_torchao_quantize_reaches_experts_once_they_are_linears():
     model = experts_to_linears(build("qwen3-moe"))
     torchao.quantization.quantize_(model, rtn_config(group_size=32))
     assert all(isinstance(m.weight, Int4AWQTensor) for _, m in expert_linears(model))
+
+
+class _NoBlocks(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(64, 64), nn.Linear(64, 64)
+
+    def forward(self, x):
+        return self.b(torch.relu(self.a(x)))
+
+
+def test_model_without_blocks_names_what_its_forward_cannot_take():
+    with pytest.warns(UserWarning, match="no repeated blocks"), \
+            pytest.raises(TypeError, match=r"_NoBlocks.forward cannot take the calibration batches \(input_ids\)"):
+        quantize_(_NoBlocks(), awq_config(group_size=32, seq_len=32), calibration_data=ids(4, 32, seed=0))
+    model = _NoBlocks()
+    quantize_(model, awq_config(group_size=32), calibration_data=[{"x": torch.randn(2, 16, 64)}])
+    assert isinstance(model.a.weight, Int4AWQTensor)

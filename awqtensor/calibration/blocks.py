@@ -101,7 +101,14 @@ def first_block_inputs(model: nn.Module, first_block: nn.Module, batches) -> lis
     """The (args, kwargs) ``first_block`` receives for each batch; the rest of each
     forward is skipped. For the whole-model fallback the batches themselves are the inputs."""
     if first_block is model:
-        return [((), dict(b)) if isinstance(b, dict) else ((b,), {}) for b in batches]
+        inputs = [((), dict(b)) if isinstance(b, dict) else ((b,), {}) for b in batches]
+        try:
+            inspect.signature(model.forward).bind(*inputs[0][0], **inputs[0][1])
+        except TypeError as error:
+            given = ", ".join(inputs[0][1]) or "one tensor"
+            raise TypeError(f"{type(model).__name__}.forward cannot take the calibration batches ({given}): "
+                            f"{error}. Pass calibration_data as dicts keyed by its forward's arguments") from None
+        return inputs
     device = next(model.parameters()).device
     inputs = []
 
