@@ -46,20 +46,30 @@ class Expert(nn.Module):
         return self.down_proj(hidden)
 
 
+PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+
+
 class RoutedExperts(nn.ModuleList):
     """The experts of one MoE layer, one ``Expert`` each; called as transformers calls its
     fused experts module.
 
     Eager: each expert runs on the tokens routed to it only (experts no token chose are
-    skipped). Under ``torch.compile`` the token counts would be data-dependent shapes, so
-    every expert runs on every token and its output is weighted by the routing weight
-    (zero where it was not chosen): the same function, one graph, E times the matmuls.
+    skipped). With int4 weights in the ``"triton"`` layout (CUDA, or the interpreter),
+    all experts share one grouped launch per projection (``awqtensor/ops/triton_moe.py``):
+    the experts' tensors are stacked once and each expert's weight becomes a view of the
+    stack, so nothing is held twice. Under ``torch.compile`` the token counts would be
+    data-dependent shapes, so every expert runs on every token and its output is weighted
+    by the routing weight (zero where it was not chosen): the same function, one graph,
+    E times the matmuls.
     """
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                 top_k_weights: torch.Tensor) -> torch.Tensor:
         if torch.compiler.is_compiling():
             return self._dense(hidden_states, top_k_index, top_k_weights)
+        stacks = self._stacks()
+        if stacks is not None:
+            return self._grouped(hidden_states, top_k_index, top_k_weights, stacks)
         out = torch.zeros_like(hidden_states)
         for e, expert in enumerate(self):
             token_idx, slot = torch.where(top_k_index == e)
@@ -67,6 +77,60 @@ class RoutedExperts(nn.ModuleList):
                 continue
             y = expert(hidden_states[token_idx]) * top_k_weights[token_idx, slot, None]
             out.index_add_(0, token_idx, y.to(out.dtype))
+        return out
+
+    def _stacks(self) -> dict | None:
+        """{projection: (qweight, scales, zeros, act_scale)} stacked over the experts for the
+        grouped kernel, or None when they cannot share a launch (another layout, biases,
+        mixed settings). Made once; each expert's weight then views the stack."""
+        from .packing import TRITON
+        from .tensor import Int4AWQTensor
+
+        if getattr(self[0].down_proj.weight, "packing_format", None) != TRITON:  # the common CPU case, cheaply
+            self._stacked = None
+            return None
+        weights = {p: [getattr(getattr(e, p), "weight", None) for e in self] for p in PROJECTIONS}
+        cached = getattr(self, "_stacked", None)
+        if cached is not None and all(w.qweight.data_ptr() == q[i].data_ptr() for p, (q, *_) in cached.items()
+                                      for i, w in enumerate(weights[p])):
+            return cached
+        self._stacked = None  # stale (the weights moved or changed): let it go before anything else
+        flat = [w for ws in weights.values() for w in ws]
+        if not all(isinstance(w, Int4AWQTensor) and w.packing_format == TRITON for w in flat):
+            return None
+        if any(getattr(e, p).bias is not None for e in self for p in PROJECTIONS):
+            return None
+        for ws in weights.values():
+            if len({(w.group_size, w.dtype, w.device, w.zeros is None, tuple(w.shape)) for w in ws}) != 1:
+                return None
+        self._stacked = {}
+        for p, ws in weights.items():
+            stack = lambda field: torch.stack([getattr(w, field) for w in ws])  # noqa: E731
+            q, scales, zeros = stack("qweight"), stack("scales"), None if ws[0].zeros is None else stack("zeros")
+            act = None
+            if any(w.act_scale is not None for w in ws):
+                ones = torch.ones(ws[0].shape[1], dtype=ws[0].dtype, device=ws[0].device)
+                act = torch.stack([ones if w.act_scale is None else w.act_scale for w in ws])
+            for i, (expert, w) in enumerate(zip(self, ws)):
+                view = w._replace(qweight=q[i], scales=scales[i], zeros=None if zeros is None else zeros[i])
+                getattr(expert, p).weight = nn.Parameter(view, requires_grad=False)
+            self._stacked[p] = (q, scales, zeros, act)
+        return self._stacked
+
+    def _grouped(self, hidden_states, top_k_index, top_k_weights, stacks):
+        from .ops import triton_moe
+
+        linear = torch.ops.awqtensor.int4_grouped_linear.default
+        group_size = self[0].down_proj.weight.group_size
+        rows, block_experts, pairs = triton_moe.routing(top_k_index, len(self))
+        gate = linear(hidden_states, rows, block_experts, *stacks["gate_proj"], group_size)
+        up = linear(hidden_states, rows, block_experts, *stacks["up_proj"], group_size)
+        used = rows >= 0  # padded positions: zero rows, never gathered below
+        positions = torch.where(used, torch.arange(rows.numel(), device=rows.device, dtype=rows.dtype), -1)
+        down = linear(self[0].act_fn(gate) * up, positions, block_experts, *stacks["down_proj"], group_size)
+        weights = top_k_weights.reshape(-1)[pairs[used]]
+        out = torch.zeros_like(hidden_states)
+        out.index_add_(0, rows[used].long(), (down[used] * weights[:, None]).to(out.dtype))
         return out
 
     def _dense(self, hidden_states, top_k_index, top_k_weights):

@@ -91,8 +91,8 @@ def main():
     extra = {"device": cpu_device(args.threads), **provenance()}
     columns = list(dict.fromkeys(k for r in rows for k in r))
     write_csv(Path(args.csv), [{**{k: r.get(k, "") for k in columns}, **extra} for r in rows])
-    print(f"| family | structure | RTN rel. error | AWQ rel. error | AWQ / RTN | int4 Linears (experts) | "
-          f"3-D float params | AWQ s |")
+    print("| family | structure | RTN rel. error | AWQ rel. error | AWQ / RTN | int4 Linears (experts) | "
+          "3-D float params | AWQ s |")
     print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     for family in args.families:
         mine = [r for r in rows if r["family"] == family]

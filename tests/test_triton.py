@@ -185,6 +185,7 @@ def test_mixture_of_experts_on_the_triton_kernels():
     quantize_(model, rtn_config(group_size=32))
     experts = next(m for m in model.modules() if isinstance(m, RoutedExperts))
     assert experts[1].down_proj.weight.packing_format == packing.TRITON
+    storage = lambda t: t.qweight.untyped_storage().data_ptr()  # noqa: E731
     dense = copy.deepcopy(model)
     for module in dense.modules():
         if isinstance(module, nn.Linear) and isinstance(module.weight, Int4AWQTensor):
@@ -192,3 +193,34 @@ def test_mixture_of_experts_on_the_triton_kernels():
     ids = torch.randint(0, 320, (1, 6), generator=torch.Generator().manual_seed(4)).to(DEVICE)
     with torch.no_grad():
         assert max_rel_err(model(ids).logits, dense(ids).logits) < TOL[torch.float16]
+    # One grouped launch per projection: every expert's weight now views one stacked tensor.
+    assert experts._stacked is not None
+    assert storage(experts[0].up_proj.weight) == storage(experts[3].up_proj.weight)
+
+
+def _stacked(weights, field):
+    values = [getattr(w, field) for w in weights]
+    return None if values[0] is None else torch.stack(values)
+
+
+@pytest.mark.parametrize("tokens", [1, 9, 23])  # tiles of 16 positions: one, straddled, several per expert
+@pytest.mark.parametrize("zero_point,act_scale", [(True, True), (False, False)])
+def test_grouped_moe_kernel_matches_float64_reference(tokens, zero_point, act_scale):
+    from awqtensor.ops import triton_moe
+
+    experts = [triton_weight(N, K, torch.float16, 32, zero_point, act_scale, seed=e) for e in range(3)]
+    g = torch.Generator().manual_seed(tokens)
+    top_k = torch.stack([torch.randperm(3, generator=g)[:2] for _ in range(tokens)]).to(DEVICE)
+    x = torch.randn(tokens, K, generator=g).to(DEVICE, torch.float16)
+    rows, block_experts, pairs = triton_moe.routing(top_k, 3)
+    args = (x, rows, block_experts, *(_stacked(experts, f) for f in ("qweight", "scales", "zeros", "act_scale")), 32)
+    y = torch.ops.awqtensor.int4_grouped_linear(*args)
+    used = rows >= 0
+    assert sorted(pairs[used].tolist()) == list(range(2 * tokens))  # every (token, slot) once
+    for p in used.nonzero().flatten().tolist():
+        token, slot = divmod(pairs[p].item(), 2)
+        expert = top_k[token, slot].item()
+        assert block_experts[p // triton_moe.BLOCK_M] == expert and rows[p] == token
+        expected = reference.linear(x[token:token + 1].cpu(), experts[expert])
+        assert max_rel_err(y[p:p + 1].cpu(), expected) < TOL[torch.float16], (p, expert)
+    torch.library.opcheck(torch.ops.awqtensor.int4_grouped_linear.default, args)

@@ -85,3 +85,12 @@ def dequantize(qweight, scales, zeros, act_scale, group_size, in_features, packi
     from . import triton_kernels
 
     return triton_kernels.dequantize(qweight, scales, zeros, act_scale, group_size, in_features, scales.dtype)
+
+
+def int4_grouped_linear(x, rows, block_experts, qweight, scales, zeros, act_scale, group_size):
+    if not _runnable(x):
+        return reference.int4_grouped_linear(x, rows, block_experts, qweight, scales, zeros, act_scale, group_size)
+    from . import triton_moe
+
+    return triton_moe.grouped_gemm(x.contiguous(), rows, block_experts, qweight, scales, zeros, act_scale,
+                                   group_size, block_m=rows.numel() // max(block_experts.numel(), 1))

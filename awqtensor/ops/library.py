@@ -5,6 +5,9 @@
                 group_size, packing_format) -> [..., N] in x.dtype
     dequantize(qweight, scales, zeros?, act_scale?, group_size, in_features, packing_format)
                 -> [N, in_features] in scales.dtype
+    int4_grouped_linear(x [M, K], rows [P], block_experts [P / BLOCK_M], qweight [E, K/8, N],
+                scales [E, N, G], zeros?, act_scale [E, K]?, group_size) -> [P, N] in x.dtype
+                (mixtures of experts, stacked "triton" layout; ``awqtensor/ops/triton_moe.py``)
 
 They are declared with ``torch.library.Library`` (schema, then a kernel per dispatch key)
 rather than the ``custom_op`` decorator: the decorator's Python wrapper costs about 6 us
@@ -56,3 +59,15 @@ _lib.impl("dequantize", gpu.dequantize, "CUDA")
 @torch.library.register_fake("awqtensor::dequantize", lib=_lib)
 def _(qweight, scales, zeros, act_scale, group_size, in_features, packing_format):
     return scales.new_empty((scales.shape[0], in_features))
+
+
+_lib.define(
+    "int4_grouped_linear(Tensor x, Tensor rows, Tensor block_experts, Tensor qweight, Tensor scales, "
+    "Tensor? zeros, Tensor? act_scale, int group_size) -> Tensor"
+)
+_lib.impl("int4_grouped_linear", gpu.int4_grouped_linear, "CompositeExplicitAutograd")
+
+
+@torch.library.register_fake("awqtensor::int4_grouped_linear", lib=_lib)
+def _(x, rows, block_experts, qweight, scales, zeros, act_scale, group_size):
+    return x.new_empty((rows.shape[0], scales.shape[1]))

@@ -46,3 +46,18 @@ def int4_linear(
     q = packing.codes(qweight, scales.shape[1] * group_size, packing_format, scales.shape[1])
     w = quant.dequantize(q, scales, zeros, group_size, k, dtype=x.dtype)
     return F.linear(x, w, bias)
+
+
+def int4_grouped_linear(x, rows, block_experts, qweight, scales, zeros, act_scale, group_size):
+    """[P, N]: position p holds ``x[rows[p]]`` times its tile's expert's weight (stacked
+    ``"triton"`` layout, [E, ...]); zeros where ``rows[p] < 0``."""
+    block_m = rows.numel() // max(block_experts.numel(), 1)
+    y = x.new_zeros((rows.numel(), scales.shape[1]))
+    for tile, expert in enumerate(block_experts.tolist()):
+        at = torch.arange(tile * block_m, (tile + 1) * block_m, device=rows.device)
+        at = at[rows[at] >= 0]
+        if at.numel():
+            e = lambda t: None if t is None else t[expert]  # noqa: E731
+            y[at] = int4_linear(x[rows[at].long()], qweight[expert], scales[expert], e(zeros), e(act_scale), None,
+                                group_size, packing.TRITON)
+    return y
