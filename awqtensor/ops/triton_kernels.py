@@ -53,6 +53,18 @@ def _dequantized_tile(w_ptr, s_ptr, z_ptr, k0, rn, N, G,
 
 
 @triton.jit
+def _accumulate(acc, x, w, a_ptr, k, K, HAS_ACT: tl.constexpr, DOT_FP32: tl.constexpr):
+    """``acc + (x * act_scale[k]) @ w`` for one [BLOCK_M, BLOCK_K] x [BLOCK_K, BLOCK_N] tile:
+    the GEMM main loop's step, shared with the grouped MoE kernel."""
+    if HAS_ACT:
+        a = tl.load(a_ptr + k, mask=k < K, other=0)
+        x = (x.to(tl.float32) * a.to(tl.float32)[None, :]).to(x.dtype)
+    if DOT_FP32:
+        return acc + tl.dot(x.to(tl.float32), w)
+    return acc + tl.dot(x, w.to(x.dtype))
+
+
+@triton.jit
 def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, a_ptr, b_ptr, y_ptr,
                  N, K, K_PADDED, G, stride_xm, stride_ys, stride_ym,
                  GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_ACT: tl.constexpr, HAS_BIAS: tl.constexpr,
@@ -87,14 +99,8 @@ def _gemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, a_ptr, b_ptr, y_ptr,
     for k0 in range(0, K_PADDED, BLOCK_K):
         k = k0 + rk
         x = tl.load(x_ptr + rm[:, None] * stride_xm + k[None, :], mask=(rm[:, None] < M) & (k[None, :] < K), other=0)
-        if HAS_ACT:
-            a = tl.load(a_ptr + k, mask=k < K, other=0)
-            x = (x.to(tl.float32) * a.to(tl.float32)[None, :]).to(x_ptr.dtype.element_ty)
         w = _dequantized_tile(w_ptr, s_ptr, z_ptr, k0, rn, N, G, GROUP, HAS_ZEROS, BLOCK_K)
-        if DOT_FP32:
-            acc += tl.dot(x.to(tl.float32), w)
-        else:
-            acc += tl.dot(x, w.to(x_ptr.dtype.element_ty))
+        acc = _accumulate(acc, x, w, a_ptr, k, K, HAS_ACT, DOT_FP32)
     if HAS_BIAS:
         acc += tl.load(b_ptr + rn, mask=rn < N, other=0).to(tl.float32)[None, :]
     tl.store(y_ptr + rm[:, None] * stride_ym + rn[None, :], acc.to(y_ptr.dtype.element_ty),

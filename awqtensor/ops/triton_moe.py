@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_kernels import _dequantized_tile, block_k_for, interpreting
+from .triton_kernels import _accumulate, _dequantized_tile, block_k_for, interpreting
 
 BLOCK_M = 16  # rows per tile, and the unit each expert's run of positions is padded to
 
@@ -48,14 +48,8 @@ def _grouped_gemm_kernel(x_ptr, rows_ptr, experts_ptr, w_ptr, s_ptr, z_ptr, a_pt
         k = k0 + rk
         x = tl.load(x_ptr + rows.to(tl.int64)[:, None] * stride_xm + k[None, :],
                     mask=used[:, None] & (k[None, :] < K), other=0)
-        if HAS_ACT:
-            a = tl.load(a_e + k, mask=k < K, other=0)
-            x = (x.to(tl.float32) * a.to(tl.float32)[None, :]).to(x_ptr.dtype.element_ty)
         w = _dequantized_tile(w_e, s_e, z_e, k0, rn, N, G, GROUP, HAS_ZEROS, BLOCK_K)
-        if DOT_FP32:
-            acc += tl.dot(x.to(tl.float32), w)
-        else:
-            acc += tl.dot(x, w.to(x_ptr.dtype.element_ty))
+        acc = _accumulate(acc, x, w, a_e, k, K, HAS_ACT, DOT_FP32)
     # padded positions store their zeros: the output is defined everywhere
     tl.store(y_ptr + positions[:, None] * stride_ym + rn[None, :], acc.to(y_ptr.dtype.element_ty),
              mask=rn[None, :] < N)
