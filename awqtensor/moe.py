@@ -54,8 +54,9 @@ class RoutedExperts(nn.ModuleList):
     fused experts module.
 
     Eager: each expert runs on the tokens routed to it only (experts no token chose are
-    skipped). With int4 weights in the ``"triton"`` layout (CUDA, or the interpreter),
-    all experts share one grouped launch per projection (``awqtensor/ops/triton_moe.py``):
+    skipped). With int4 weights in the ``"triton"`` layout (CUDA, or the interpreter) and
+    no gradient to compute, all experts share one grouped launch per projection
+    (``awqtensor/ops/triton_moe.py``):
     the experts' tensors are stacked once and each expert's weight becomes a view of the
     stack, so nothing is held twice. Under ``torch.compile`` the token counts would be
     data-dependent shapes, so every expert runs on every token and its output is weighted
@@ -68,7 +69,8 @@ class RoutedExperts(nn.ModuleList):
         if torch.compiler.is_compiling():
             return self._dense(hidden_states, top_k_index, top_k_weights)
         stacks = self._stacks()
-        if stacks is not None:
+        if stacks is not None and not (torch.is_grad_enabled() and hidden_states.requires_grad):
+            # (the grouped op has no backward: adapters training on top take the per-expert path)
             return self._grouped(hidden_states, top_k_index, top_k_weights, stacks)
         out = torch.zeros_like(hidden_states)
         for e, expert in enumerate(self):
