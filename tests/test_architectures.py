@@ -193,6 +193,18 @@ def test_experts_with_too_few_tokens_fall_back_to_rtn_with_one_warning():
         assert torch.equal(a.weight.dequantize(), b.weight.dequantize()), name
 
 
+def test_fused_expert_gate_up_keeps_the_output():
+    from awqtensor import fuse_
+
+    model = build("qwen3-moe")
+    quantize_(model, rtn_config(group_size=32))
+    held = ids(1, 12, seed=3)
+    expected = output(model, held)
+    fuse_(model)
+    assert any(n.endswith("experts.2.gate_up_proj") for n, _ in model.named_modules())
+    assert torch.equal(output(model, held), expected)
+
+
 def test_quantized_moe_compiles_in_one_graph():
     model = build("mixtral")
     model.model.layers = model.model.layers[:1]

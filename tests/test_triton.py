@@ -172,7 +172,7 @@ def test_fused_model_on_the_triton_kernels():
         assert max_rel_err(model(ids).logits, expected) < TOL[torch.float16]
 
 
-def test_mixture_of_experts_on_the_triton_kernels():
+def test_mixture_of_experts_on_the_triton_kernels(tmp_path):
     """Each routed expert's Linears run the Triton kernels on its own tokens; the model
     matches the same model with every weight dequantized to a plain float matmul."""
     import copy
@@ -196,6 +196,14 @@ def test_mixture_of_experts_on_the_triton_kernels():
     # One grouped launch per projection: every expert's weight now views one stacked tensor.
     assert experts._stacked is not None
     assert storage(experts[0].up_proj.weight) == storage(experts[3].up_proj.weight)
+    # A model whose experts view a stack saves and loads back the same weights.
+    from awqtensor import load_quantized, save_quantized
+
+    save_quantized(model.to("cpu") if DEVICE == "cuda" else model, tmp_path / "moe")
+    loaded = dict(load_quantized(tmp_path / "moe", dtype=torch.float16).named_parameters())
+    for name, p in model.named_parameters():
+        if isinstance(p, Int4AWQTensor):
+            assert torch.equal(loaded[name].dequantize().cpu(), p.dequantize().cpu()), name
 
 
 def _stacked(weights, field):
