@@ -199,13 +199,12 @@ def save_autoawq(model: nn.Module, path, shard_size="5GB", dtype: torch.dtype = 
             tensors[name] = value.to(dtype) if value.is_floating_point() else value
     tensors = checkpoint.drop_tied(model, tensors)
     config = model.config.to_dict()
-    if _mixtral_style(config):
-        tensors = {_to_mixtral_names(name): t for name, t in tensors.items()}
+    rename = _to_mixtral_names if _mixtral_style(config) else (lambda name: name)
+    tensors = {rename(name): t for name, t in tensors.items()}
     linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
     config["quantization_config"] = {
         "quant_method": "awq", "bits": 4, "group_size": group_sizes.pop(), "zero_point": True, "version": "gemm",
-        "modules_to_not_convert": sorted(_to_mixtral_names(n) if _mixtral_style(config) else n
-                                         for n in linears if n not in quantized) or None}
+        "modules_to_not_convert": sorted(rename(n) for n in linears if n not in quantized) or None}
     config["torch_dtype"] = config["dtype"] = str(dtype).removeprefix("torch.")
     checkpoint.write_tensors(tensors, path, shard_size, desc="saving AutoAWQ")
     checkpoint.write_config(config, path)

@@ -37,7 +37,8 @@ from tqdm.auto import tqdm
 from .. import quant
 from ..tensor import Int4AWQTensor
 from ..memory import file_backed, release_file_pages, release_freed_memory
-from .blocks import StopForward, cast_floats, find_blocks, first_block_inputs, first_tensor, run_block
+from .blocks import (StopForward, cast_floats, find_blocks, first_block_inputs, first_tensor, replay,
+                     run_block)
 from .data import calibration_batches, real_tokens, token_mask
 from .mappings import Mapping, apply_fold, discover
 from .observe import InputStats
@@ -87,12 +88,8 @@ class _Capture:
             handles += [module.register_forward_pre_hook(grab_in, with_kwargs=True),
                         module.register_forward_hook(grab_out, with_kwargs=True)]
         try:
-            with torch.no_grad():
-                for self.batch, (args, kwargs) in enumerate(inputs):
-                    try:
-                        block(*args, **kwargs)
-                    except StopForward:
-                        pass
+            for self.batch in replay(block, inputs):
+                pass
         finally:
             for h in handles:
                 h.remove()
@@ -148,12 +145,8 @@ def _routed_inputs(block: nn.Module, experts: str, inputs) -> list[tuple[torch.T
 
     handle = block.get_submodule(experts).register_forward_pre_hook(grab, with_kwargs=True)
     try:
-        with torch.no_grad():
-            for args, kwargs in inputs:
-                try:
-                    block(*args, **kwargs)
-                except StopForward:
-                    pass
+        for _ in replay(block, inputs):
+            pass
     finally:
         handle.remove()
     return captured

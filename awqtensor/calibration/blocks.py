@@ -36,6 +36,18 @@ def find_blocks(model: nn.Module, linears: list[nn.Module]) -> tuple[str, list[n
     return best
 
 
+def replay(block: nn.Module, inputs):
+    """Call ``block`` on each (args, kwargs) of ``inputs`` without gradients, a hook's
+    StopForward ending that call early; yields each batch's index just before its call."""
+    with torch.no_grad():
+        for index, (args, kwargs) in enumerate(inputs):
+            yield index
+            try:
+                block(*args, **kwargs)
+            except StopForward:
+                pass
+
+
 def map_tensors(obj, fn):
     """Apply ``fn`` to every tensor in nested tuples/lists/dicts."""
     if isinstance(obj, torch.Tensor):
@@ -52,8 +64,8 @@ def tensors_in(obj) -> list[torch.Tensor]:
     if isinstance(obj, torch.Tensor):
         return [obj]
     if isinstance(obj, dict):
-        obj = obj.values()
-    if isinstance(obj, (tuple, list, type({}.values()))):
+        obj = list(obj.values())
+    if isinstance(obj, (tuple, list)):
         return [t for o in obj for t in tensors_in(o)]
     return []
 
