@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from . import checkpoint, packing, quant
+from .head import Int8HeadTensor
 from .tensor import Int4AWQTensor
 
 ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # nibble i of a word holds column 8c + ORDER[i]
@@ -182,7 +183,8 @@ def save_autoawq(model: nn.Module, path, shard_size="5GB", dtype: torch.dtype = 
     """Write ``model`` (a quantized transformers model) as an AutoAWQ GEMM checkpoint that
     vLLM's and transformers' AWQ loaders read. Float tensors are cast to ``dtype`` (AWQ
     kernels run in fp16), and so are the scales. Raises ValueError naming the Linear and
-    what to change when the format cannot hold a weight."""
+    what to change when the format cannot hold a weight. An 8-bit head
+    (``quantize_head_``) is written dequantized: the format has no 8-bit tensors."""
     path = Path(path)
     quantized = {n: m for n, m in model.named_modules() if isinstance(getattr(m, "weight", None), Int4AWQTensor)}
     if not quantized:
@@ -195,6 +197,8 @@ def save_autoawq(model: nn.Module, path, shard_size="5GB", dtype: torch.dtype = 
         owner = name.rsplit(".", 1)[0]
         if owner in quantized and name.endswith(".weight"):
             tensors.update({f"{owner}.{f}": t for f, t in to_gemm(value, name).items()})
+        elif isinstance(value, Int8HeadTensor):  # the format has no 8-bit head: written in float
+            tensors[name] = value.dequantize().to(dtype)
         else:
             tensors[name] = value.to(dtype) if value.is_floating_point() else value
     tensors = checkpoint.drop_tied(model, tensors)

@@ -4,7 +4,8 @@ An Int4AWQTensor entry ``name`` is stored as ``name.qweight``, ``name.scales`` a
 present, ``name.zeros`` and ``name.act_scale`` (canonical "plain" packing), and described
 in the header's metadata under ``awqtensor`` as {name: {group_size, shape, bits,
 zero_point}}. Loading checks every described tensor's presence, shape and dtype and
-names the one at fault.
+names the one at fault. An 8-bit head (``Int8HeadTensor``) is stored as ``name.qweight``
+(int8 [V, H]) and ``name.scales`` ([V]), described with ``bits`` 8.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import safetensors.torch
 import torch
 
 from . import checkpoint, packing
+from .head import Int8HeadTensor
 from .tensor import Int4AWQTensor
 
 FORMAT_VERSION = 1
@@ -30,7 +32,12 @@ def flatten_state_dict(state_dict: dict) -> tuple[dict[str, torch.Tensor], dict[
     """(plain tensors, safetensors metadata) for a state dict holding Int4AWQTensors."""
     tensors, described = {}, {}
     for name, value in state_dict.items():
-        if isinstance(value, Int4AWQTensor):
+        if isinstance(value, Int8HeadTensor):
+            codes, scales = value.int8()
+            tensors[f"{name}.qweight"], tensors[f"{name}.scales"] = codes.contiguous(), scales.contiguous()
+            described[name] = {"group_size": value.shape[1], "shape": list(value.shape), "bits": 8,
+                               "zero_point": False}
+        elif isinstance(value, Int4AWQTensor):
             plain = value.plain_qweight()
             for field, tensor in zip(FIELDS, (plain, value.scales, value.zeros, value.act_scale)):
                 if tensor is not None:
@@ -58,6 +65,13 @@ def unflatten_state_dict(tensors: dict[str, torch.Tensor], metadata: dict[str, s
             if fields[required] is None:
                 raise ValueError(f"{name}.{required} is missing from the file")
         n, k = info["shape"]
+        if info.get("bits", BITS) == 8:
+            q, scales = fields["qweight"], fields["scales"]
+            if tuple(q.shape) != (n, k) or q.dtype != torch.int8 or tuple(scales.shape) != (n,):
+                raise ValueError(f"{name}: an 8-bit [{n}, {k}] weight needs int8 qweight [{n}, {k}] and scales "
+                                 f"[{n}], got {q.dtype} {tuple(q.shape)} and {tuple(scales.shape)}")
+            state_dict[name] = Int8HeadTensor.from_int8(q, scales)
+            continue
         group_size = info["group_size"]
         groups = -(-k // group_size)
         expected = {"qweight": ((n, -(-groups * group_size // 2)), torch.uint8),
@@ -103,7 +117,8 @@ def save_quantized(model, path, shard_size="5GB") -> Path:
     tokenizer files. ``load_quantized`` reads it."""
     path = Path(path)
     state = checkpoint.drop_tied(model, dict(model.state_dict()))
-    if not any(isinstance(v, Int4AWQTensor) for v in state.values()):
+    quantized = (Int4AWQTensor, Int8HeadTensor)
+    if not any(isinstance(v, quantized) for v in state.values()):
         raise ValueError("the model has no Int4AWQTensor weights; quantize it with awqtensor.quantize_ first")
     nonfinite = checkpoint.nonfinite_scales(state)
     if nonfinite:
@@ -114,8 +129,7 @@ def save_quantized(model, path, shard_size="5GB") -> Path:
     linears = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
     config["quantization_config"] = {
         "quant_method": "awqtensor", "format_version": FORMAT_VERSION, "weights": json.loads(metadata["awqtensor"]),
-        "modules_not_converted": [n for n in linears if f"{n}.weight" not in state
-                                  or not isinstance(state[f"{n}.weight"], Int4AWQTensor)],
+        "modules_not_converted": [n for n in linears if not isinstance(model.get_submodule(n).weight, quantized)],
         "sha256": {name: checkpoint.sha256(t) for name, t in tensors.items()}}
     checkpoint.write_tensors(tensors, path, shard_size, metadata=metadata, desc="saving")
     checkpoint.write_config(config, path)
@@ -139,7 +153,8 @@ def _check_settings(qc: dict, header: str | None, tensors: dict, path) -> None:
         raise ValueError(f"{path}: the stored tensors hold quantized {unlisted[0]}, which config.json's "
                          f"quantization_config does not list; restore config.json or re-save the model")
     for name, info in weights.items():
-        stored = {**saved.get(name, {}), "bits": BITS, "zero_point": f"{name}.zeros" in tensors}
+        stored = {**saved.get(name, {}), "bits": saved.get(name, {}).get("bits", BITS),
+                  "zero_point": f"{name}.zeros" in tensors}
         shape = info.get("shape") or stored.get("shape")
         for key, value in [*((key, qc[key]) for key in SETTINGS if key in qc), *info.items()]:
             if key == "group_size" and value == -1 and shape:

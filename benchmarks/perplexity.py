@@ -10,6 +10,9 @@ kernel, except that on CPUs with native bf16 matmuls calls from M = 16 (all of t
 evaluation's 512-token windows) take the bf16 route (``awqtensor/ops/cpu_kernel.py``);
 ``--int8-only`` turns that route off (``perplexity_g{G}_cpu_kernel_int8.csv``).
 
+``--int8-head`` also evaluates the same quantized weights with the output head (tied to
+the embedding) held in 8 bits (``awqtensor.quantize_head_``), column ``ppl_int8_head``.
+
 ``--methods autoawq --autoawq-dir DIR`` loads AutoAWQ's own checkpoint with
 ``awqtensor.load_autoawq`` and evaluates it the same way; ``benchmarks/autoawq_reference.py``
 (its own environment) makes DIR.
@@ -31,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from awqtensor import awq_config, evaluation, load_autoawq, quantize_, rtn_config, smollm2
+from awqtensor import awq_config, evaluation, load_autoawq, quantize_, quantize_head_, rtn_config, smollm2
 from awqtensor.calibration import calibrate
 from awqtensor.api import select_linears
 from common import cpu_device, provenance
@@ -75,8 +78,12 @@ def run_one(args) -> dict:
     blocks = evaluation.token_blocks(tokenizer, args.eval_text, args.seq_len, args.windows)
     t = time.perf_counter()
     ppl = evaluation.perplexity(model, blocks, args.method)
-    return {"method": args.method, "group_size": args.group_size, "ppl": ppl, "quantize_s": quantize_s,
-            "quantize_peak_rss_mb": quantize_rss, "eval_s": time.perf_counter() - t}
+    row = {"method": args.method, "group_size": args.group_size, "ppl": ppl, "quantize_s": quantize_s,
+           "quantize_peak_rss_mb": quantize_rss, "eval_s": time.perf_counter() - t}
+    if args.int8_head:
+        quantize_head_(model)
+        row["ppl_int8_head"] = evaluation.perplexity(model, blocks, f"{args.method} + int8 head")
+    return row
 
 
 def main():
@@ -95,6 +102,8 @@ def main():
                         help="evaluate with awqtensor's CPU kernel (int8 activations) instead of exact matmuls")
     parser.add_argument("--int8-only", action="store_true",
                         help="with --cpu-kernel: no bf16 route for large M, the int8 kernel everywhere")
+    parser.add_argument("--int8-head", action="store_true",
+                        help="also evaluate with the output head in 8 bits (column ppl_int8_head)")
     parser.add_argument("--csv", default=None, help="default: benchmarks/results/perplexity_g{group_size}"
                                                     "[_cpu_kernel[_int8]].csv")
     args = parser.parse_args()
@@ -115,7 +124,8 @@ def main():
         out = subprocess.run(child, check=True, capture_output=True, text=True, env=env).stdout
         rows.append(json.loads(out.split("RESULT ", 1)[1]))
         r = rows[-1]
-        print(f"{r['method']:<24} ppl {r['ppl']:.2f}  quantize {r['quantize_s']:.1f} s  "
+        head = f" (int8 head {r['ppl_int8_head']:.2f})" if "ppl_int8_head" in r else ""
+        print(f"{r['method']:<24} ppl {r['ppl']:.2f}{head}  quantize {r['quantize_s']:.1f} s  "
               f"peak RSS {r['quantize_peak_rss_mb']:.0f} MB  eval {r['eval_s']:.1f} s", flush=True)
 
     device = cpu_device(args.threads)
@@ -128,15 +138,17 @@ def main():
     print(f"\nSmolLM2-135M-Instruct fp32, int4 asymmetric g{args.group_size}, {matmul}; calibration "
           f"{args.calib_blocks} x {args.seq_len} tokens of {args.calib_text}; evaluation {args.windows} x "
           f"{args.seq_len} tokens of {args.eval_text}; {device}, torch {torch.__version__}")
-    print(f"{'method':<24} {'ppl':>7} {'quantize s':>11} {'peak RSS MB':>12} {'eval s':>8}")
+    print(f"{'method':<24} {'ppl':>7} {'int8 head':>10} {'quantize s':>11} {'peak RSS MB':>12} {'eval s':>8}")
     for r in rows:
-        print(f"{r['method']:<24} {r['ppl']:>7.2f} {r['quantize_s']:>11.1f} {r['quantize_peak_rss_mb']:>12.0f} "
-              f"{r['eval_s']:>8.1f}")
+        head = f"{r['ppl_int8_head']:.2f}" if "ppl_int8_head" in r else "-"
+        print(f"{r['method']:<24} {r['ppl']:>7.2f} {head:>10} {r['quantize_s']:>11.1f} "
+              f"{r['quantize_peak_rss_mb']:>12.0f} {r['eval_s']:>8.1f}")
     # Rows of methods not run this time are kept, so methods can be (re)measured one by one.
     suffix = ("_cpu_kernel" + ("_int8" if args.int8_only else "")) if args.cpu_kernel else ""
+    suffix += "_int8_head" if args.int8_head else ""
     path = Path(args.csv or f"benchmarks/results/perplexity_g{args.group_size}{suffix}.csv")
     path.parent.mkdir(parents=True, exist_ok=True)
-    fields = list(rows[0]) + ["matmul", "windows", "calib_blocks", "seq_len", "device", "torch", "triton", "commit",
+    fields = list(dict.fromkeys(k for r in rows for k in r)) + ["matmul", "windows", "calib_blocks", "seq_len", "device", "torch", "triton", "commit",
                               "command"]
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     new = {r["method"]: {**r, "matmul": matmul, "windows": args.windows, "calib_blocks": args.calib_blocks, "seq_len": args.seq_len,

@@ -79,6 +79,15 @@ def _int4pack_mm(x, qweight, scales, zeros, act_scale, bias, group_size):
     return y.reshape(*lead, -1)
 
 
+def dequantize(qweight, scales, zeros, act_scale, group_size, in_features, packing_format):
+    """The dense weight: awqtensor's kernel for "cpu_blocks" in fp32/bf16, else the reference."""
+    if (packing_format == packing.CPU_BLOCKS and scales.dtype in (torch.float32, torch.bfloat16)
+            and cpu_kernel.unavailable() is None):
+        w = cpu_kernel.dequantize(qweight, scales.shape[1], group_size, (scales.shape[0], in_features), scales.dtype)
+        return w if act_scale is None else (w * act_scale).to(scales.dtype)
+    return gpu.dequantize(qweight, scales, zeros, act_scale, group_size, in_features, packing_format)
+
+
 def int4_linear(x, qweight, scales, zeros, act_scale, bias, group_size, packing_format):
     if packing_format == packing.CPU_BLOCKS and cpu_kernel.unavailable() is None:
         return cpu_kernel.linear(x, qweight, scales.shape[1], group_size, act_scale, bias, scales.shape[0])

@@ -52,7 +52,7 @@ _lib.define(
     "int in_features, str packing_format) -> Tensor"
 )
 _lib.impl("dequantize", reference.dequantize, "CompositeExplicitAutograd")
-_lib.impl("dequantize", gpu.dequantize, "CPU")  # the Triton layout under the interpreter; else reference
+_lib.impl("dequantize", cpu.dequantize, "CPU")  # "cpu_blocks": the C++ kernel; Triton's interpreted; else reference
 _lib.impl("dequantize", gpu.dequantize, "CUDA")
 
 

@@ -1,0 +1,189 @@
+"""An 8-bit output head (and tied input embedding) through the int4 kernels.
+
+A small model's output head is its largest matrix: SmolLM2-135M's tied 49152x576
+embedding is 113 MB in fp32, read once per decoded token, more than all its int4
+Linears together. int4 costs it about +4.6 perplexity; 8 bits per weight, one scale per
+row, costs next to nothing (README) and a quarter of fp32's bytes.
+
+No 8-bit kernel is needed: an int8 code w in [-128, 127] is ``16 * hi + lo`` with
+``hi = w >> 4`` in [-8, 7] and ``lo = w & 15`` in [0, 15], two int4 codes. So the
+[V, H] head is held as one Int4AWQTensor ``halves`` of shape [V, 2H], two groups per
+row: the hi codes (scale 16 s, zero point 8) and the lo codes (scale s, zero point 0),
+and ``x @ W.T`` is ``[x, x] @ halves.T``, exactly (each row's two dot products are exact
+integer sums, and scale 16 s is s times a power of two). That is 1.03 bytes per weight,
+through every int4 kernel and its compiled op, on every device.
+
+``quantize_head_(model)`` converts the output head; when the checkpoint ties it to the
+input embedding, both modules keep sharing the one (now 8-bit) parameter, and the
+embedding lookup dequantizes only the rows it gathers.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils._python_dispatch import return_and_correct_aliasing
+from torchao.utils import TorchAOBaseTensor
+
+from . import packing
+from .tensor import FLOAT_DTYPES, Int4AWQTensor, _int4_linear_op
+
+aten = torch.ops.aten
+HI_ZERO = 8  # hi codes are stored offset by 8: [-8, 7] -> [0, 15]
+_ROW_MAJOR = (packing.PLAIN, packing.CPU_BLOCKS)  # layouts whose qweight rows are output rows
+
+
+class Int8HeadTensor(TorchAOBaseTensor):
+    """A [V, H] weight as int8 codes with one scale per row: ``w ~= q * scale``,
+    ``q = clamp(round(w / scale), -128, 127)``, ``scale = max|w_row| / 127``. Held as an
+    Int4AWQTensor ``halves`` [V, 2H] (see the module docstring); ``int8()`` gives the codes
+    and scales back. Serves ``F.linear`` and ``F.embedding``."""
+
+    tensor_data_names = ["halves"]
+    tensor_attribute_names = ["shape"]
+
+    def __new__(cls, halves, shape):
+        return torch.Tensor._make_wrapper_subclass(cls, shape, dtype=halves.dtype, device=halves.device,
+                                                   requires_grad=False)
+
+    def __init__(self, halves, shape):
+        super().__init__()
+        self.halves = halves
+
+    @classmethod
+    def from_int8(cls, codes: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype | None = None) -> "Int8HeadTensor":
+        """From int8 ``codes`` [V, H] and float ``scales`` [V] (``w = codes * scales``)."""
+        if codes.dtype != torch.int8 or codes.dim() != 2 or scales.shape != codes.shape[:1]:
+            raise ValueError(f"expected int8 codes [V, H] and scales [V], got {codes.dtype} "
+                             f"{tuple(codes.shape)} and {tuple(scales.shape)}")
+        dtype = dtype or scales.dtype
+        v, h = codes.shape
+        wide = codes.to(torch.int16)
+        hi, lo = (wide >> 4) + HI_ZERO, wide & 15  # arithmetic shift: floor(w / 16)
+        q = torch.cat((hi, lo), dim=1).to(torch.uint8)
+        s = scales.to(torch.float32).unsqueeze(1)
+        group_scales = torch.cat((s * 16, s), dim=1).to(dtype)
+        zeros = torch.tensor([HI_ZERO, 0], dtype=torch.uint8, device=codes.device).expand(v, 2).contiguous()
+        halves = Int4AWQTensor(packing.pack_nibbles(q), group_scales, h, torch.Size((v, 2 * h)), packing.PLAIN,
+                               zeros)
+        return cls(halves._repacked_for(codes.device, dtype), torch.Size((v, h)))
+
+    @classmethod
+    def from_float(cls, weight: torch.Tensor) -> "Int8HeadTensor":
+        if weight.dim() != 2 or weight.dtype not in FLOAT_DTYPES:
+            raise ValueError(f"expected a float [V, H] weight, got {weight.dtype} of shape {tuple(weight.shape)}")
+        if not torch.isfinite(weight).all():
+            raise ValueError("the head weight holds NaN/Inf values; fix or reload the model before quantizing")
+        with torch.no_grad():
+            w = weight.detach().float()
+            scales = (w.abs().amax(dim=1) / 127).clamp(min=1e-10)
+            codes = (w / scales.unsqueeze(1)).round().clamp(-128, 127).to(torch.int8)
+        return cls.from_int8(codes, scales, weight.dtype)
+
+    def int8(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(codes int8 [V, H], scales fp32 [V]): the canonical form, as checkpoints store it."""
+        h = self.shape[1]
+        plain = self.halves.plain_qweight()
+        q = packing.codes(plain, 2 * h, packing.PLAIN, 2).to(torch.int16)
+        codes = ((q[:, :h] - HI_ZERO) * 16 + q[:, h:]).to(torch.int8)
+        return codes, self.halves.scales[:, 1].float()
+
+    def dequantize(self, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """The float weight [V, H] (or only ``rows``), in this tensor's dtype."""
+        t, h = self.halves, self.shape[1]
+        if rows is None:
+            wide = t.dequantize()
+        elif t.packing_format in _ROW_MAJOR:
+            zeros = None if t.zeros is None else t.zeros[rows]
+            wide = torch.ops.awqtensor.dequantize(t.qweight[rows], t.scales[rows], zeros, None, t.group_size,
+                                                  2 * h, t.packing_format)
+        else:  # a layout whose rows are interleaved: dequantize it all (correct, slower)
+            wide = t.dequantize()[rows]
+        return wide[:, :h] + wide[:, h:]  # both exact multiples of the row's scale: an exact sum
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.linear:
+            return _linear(*args, **kwargs)
+        if func is F.embedding:
+            return _embedding(*args, **kwargs)
+        return super().__torch_function__(func, types, args, kwargs)
+
+    def _stable_hash_for_caching(self) -> str:  # what compiled code depends on: never the values
+        return "Int8HeadTensor:" + self.halves._stable_hash_for_caching()
+
+    def __repr__(self):
+        return (f"Int8HeadTensor(shape={tuple(self.shape)}, dtype={self.dtype}, device={self.device}, "
+                f"packing_format={self.halves.packing_format!r})")
+
+
+implements = Int8HeadTensor.implements
+
+
+def _linear(input, weight, bias=None):
+    if not isinstance(weight, Int8HeadTensor):
+        raise TypeError(f"linear: an Int8HeadTensor must be the weight, got a {type(weight).__name__} weight")
+    if input.dtype != weight.dtype:
+        raise TypeError(f"linear: input is {input.dtype} but the Int8HeadTensor weight is {weight.dtype}; "
+                        f"move the model with model.to({input.dtype})")
+    if input.requires_grad and torch.is_grad_enabled():
+        return F.linear(input, weight.dequantize(), bias)  # training through a frozen head: exact, slower
+    return _int4_linear_op(torch.cat((input, input), dim=-1), weight.halves, bias)
+
+
+def _embedding(input, weight, padding_idx=None, max_norm=None, norm_type=2.0, scale_grad_by_freq=False,
+               sparse=False):
+    if max_norm is not None:
+        raise NotImplementedError("an 8-bit embedding cannot renormalize its rows in place (max_norm)")
+    flat = input.reshape(-1)
+    return weight.dequantize(flat).reshape(*input.shape, weight.shape[1])
+
+
+@implements(aten._to_copy.default)
+def _(func, types, args, kwargs):
+    self = args[0]
+    dtype = kwargs.get("dtype") or self.dtype
+    if dtype not in FLOAT_DTYPES:
+        raise TypeError(f"Int8HeadTensor can move to {FLOAT_DTYPES}, not {dtype}")
+    halves = self.halves._repacked_for(kwargs.get("device") or self.device, dtype)
+    if halves is self.halves:
+        halves = halves._apply_fn_to_data(torch.clone)
+    return return_and_correct_aliasing(func, args, kwargs, Int8HeadTensor(halves, self.shape))
+
+
+def head_modules(model: nn.Module) -> tuple[str, nn.Module] | None:
+    """(name, module) of the output head, found as transformers' ``get_output_embeddings``
+    or a Linear named ``lm_head``; None when there is none."""
+    get = getattr(model, "get_output_embeddings", None)
+    head = get() if callable(get) else None
+    for name, module in model.named_modules():
+        if module is head or (head is None and name.rsplit(".", 1)[-1] == "lm_head" and isinstance(module, nn.Linear)):
+            return name, module
+    return None
+
+
+def quantize_head_(model: nn.Module) -> nn.Module:
+    """Hold the output head's weight (and the input embedding it is tied to, if it is)
+    in 8 bits per weight with one scale per row; returns the model. A tie stays a tie:
+    both modules keep one shared parameter, and checkpoints store it once."""
+    found = head_modules(model)
+    if found is None:
+        raise ValueError(f"{type(model).__name__} has no output head (get_output_embeddings() or a Linear "
+                         f"named lm_head) to quantize")
+    name, head = found
+    weight = head.weight
+    if isinstance(weight, Int8HeadTensor):
+        return model
+    if isinstance(weight, Int4AWQTensor):
+        raise TypeError(f"{name} is already int4; quantize_head_ takes a float head (leave lm_head out of "
+                        f"quantize_'s selection, as its default filter does)")
+    quantized = nn.Parameter(Int8HeadTensor.from_float(weight), requires_grad=False)
+    for module in model.modules():  # every module that shares the head's parameter (the tied embedding)
+        if getattr(module, "weight", None) is weight:
+            module.weight = quantized
+    return model
+
+
+torch.serialization.add_safe_globals([Int8HeadTensor])
