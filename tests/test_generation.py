@@ -1,0 +1,117 @@
+"""awqtensor.generate and fast_generate_ against transformers' own generate."""
+
+import pytest
+import torch
+
+from awqtensor import fast_generate_, fuse_, generate, quantize_, quantize_head_, rtn_config
+from awqtensor import generation
+from conftest import tiny_llama
+
+
+def quantized_llama(**overrides):
+    model = tiny_llama(tie_word_embeddings=True, **overrides)
+    quantize_(model, rtn_config(group_size=32))
+    fuse_(model)
+    quantize_head_(model)
+    return model
+
+
+def reference(model, ids, n, **kwargs):
+    return model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, disable_compile=True, **kwargs)
+
+
+@pytest.mark.parametrize("compile", [False, True])
+def test_greedy_matches_transformers(compile):
+    model = quantized_llama()
+    ids = torch.randint(3, 320, (1, 7))
+    expected = reference(model, ids, 12)
+    out = generate(model, ids, 12, compile=compile)
+    assert torch.equal(out, expected)
+    if compile:  # a second call reuses the compiled step and its cache (reset in between)
+        assert torch.equal(generate(model, ids, 12), expected)
+        generation.reset(model)
+        torch._dynamo.reset()
+
+
+def test_float_model_and_batch_rows_match_single_rows():
+    model = tiny_llama()
+    ids = torch.randint(3, 320, (3, 5))
+    out = generate(model, ids, 6, compile=False)
+    assert out.shape == (3, 11) and torch.equal(out[:, :5], ids)
+    for row in range(3):
+        assert torch.equal(out[row], generate(model, ids[row:row + 1], 6, compile=False)[0])
+
+
+def test_eos_stops_and_pads():
+    model = tiny_llama()
+    ids = torch.randint(3, 320, (2, 4))
+    free = generate(model, ids, 8, compile=False)
+    eos = int(free[0, 6])  # the third new token of row 0
+    out = generate(model, ids, 8, eos_token_id=eos, compile=False)
+    assert out.shape[1] <= free.shape[1]
+    assert torch.equal(out[0, :7], free[0, :7]) and (out[0, 7:] == eos).all()
+
+
+def test_sampling_is_seeded_and_top_k_bounded():
+    model = tiny_llama()
+    ids = torch.randint(3, 320, (1, 4))
+    a = generate(model, ids, 10, temperature=1.0, top_k=5, compile=False, generator=torch.Generator().manual_seed(1))
+    b = generate(model, ids, 10, temperature=1.0, top_k=5, compile=False, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(a, b)
+    greedy = generate(model, ids, 10, compile=False)
+    assert not torch.equal(a, greedy)  # 10 samples from 5 candidates each: a different sequence
+
+
+def test_fast_generate_keeps_transformers_results():
+    model = quantized_llama()
+    ids = torch.randint(3, 320, (1, 6))
+    expected = reference(model, ids, 8)
+    fast_generate_(model)
+    assert model.generation_config.cache_implementation == "static"
+    out = model.generate(ids, max_new_tokens=8, min_new_tokens=8, do_sample=False)
+    torch._dynamo.reset()
+    assert torch.equal(out, expected)
+
+
+def test_bad_input_says_what_to_change():
+    model = tiny_llama()
+    with pytest.raises(ValueError, match="integer"):
+        generate(model, torch.randn(1, 4), 4)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        generate(model, torch.randint(0, 320, (1, 4)), 0)
+    with pytest.raises(ValueError, match="max_position_embeddings"):
+        generate(model, torch.randint(0, 320, (1, 100)), 100)
+    with pytest.raises(ValueError, match="temperature"):
+        generate(model, torch.randint(0, 320, (1, 4)), 4, temperature=-1.0)
+
+
+def test_two_models_of_one_architecture_get_their_own_graphs():
+    """Guards on module attributes are skipped, so a graph compiled for one model must not
+    serve another of the same code with different weights (float here, int4 there)."""
+    ids = torch.randint(3, 320, (1, 5))
+    float_model, quantized = tiny_llama(tie_word_embeddings=True), quantized_llama()
+    expected = [reference(float_model, ids, 6), reference(quantized, ids, 6)]
+    assert torch.equal(generate(float_model, ids, 6), expected[0])
+    assert torch.equal(generate(quantized, ids, 6), expected[1])
+    fast_generate_(float_model), fast_generate_(quantized)
+    for model, want in zip((float_model, quantized), expected):
+        assert torch.equal(model.generate(ids, max_new_tokens=6, min_new_tokens=6, do_sample=False), want)
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("kv_heads", [1, 2, 4])
+def test_decode_attention_matches_sdpa(kv_heads):
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    module = torch.nn.Module()
+    module.num_key_value_groups, module.is_causal, module.training = 4 // kv_heads, True, False
+    q, k, v = torch.randn(3, 4, 1, 16), torch.randn(3, kv_heads, 40, 16), torch.randn(3, kv_heads, 40, 16)
+    mask = torch.rand(3, 1, 1, 40) > 0.3  # True = attend, as sdpa_mask builds it
+    mask[..., 0] = True
+    expected, _ = sdpa_attention_forward(module, q, k, v, mask, scaling=0.3)
+    out, _ = generation._decode_attention(module, q, k, v, mask, scaling=0.3)
+    assert out.shape == expected.shape == (3, 1, 4, 16)
+    assert torch.allclose(out, expected, atol=1e-5)
+    prompt = torch.randn(3, 4, 5, 16)  # more than one query: sdpa itself
+    assert torch.equal(generation._decode_attention(module, prompt, k, v, None)[0],
+                       sdpa_attention_forward(module, prompt, k, v, None)[0])
