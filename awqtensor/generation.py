@@ -44,11 +44,17 @@ def _compiled(fn, model: nn.Module):
     _counter[0] += 1
     code = fn.__code__.replace(co_name=f"{fn.__name__}_{type(model).__name__}_{_counter[0]}")
     own = types.FunctionType(code, fn.__globals__, code.co_name, fn.__defaults__, fn.__closure__)
-    options = {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
-    return torch.compile(own, fullgraph=True, options=options)
+    return torch.compile(own, fullgraph=True, options=COMPILE_OPTIONS)
 
 
 _counter = [0]
+COMPILE_OPTIONS = {
+    "guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe,
+    # Inductor checks each custom op's output against its fake in Python (assert_size_stride,
+    # assert_alignment): 242 calls a SmolLM2 step, 0.7 ms of ~12.5 (A/B in one process).
+    # The ops' fakes are opcheck-tested (tests/test_ops.py).
+    "size_asserts": False, "alignment_asserts": False, "scalar_asserts": False,
+}
 
 
 ATTENTION = "awqtensor_decode"
@@ -108,23 +114,26 @@ def _cache(model: nn.Module, batch: int, length: int):
     return StaticCache(config=model.config, max_cache_len=length)  # sized by the first update
 
 
-def _step_for(model: nn.Module, batch: int, length: int, compile: bool):
-    """(step, cache) for this batch size and cache length, built once and reused."""
-    steps = _steps.setdefault(model, {})
-    key = (batch, length, compile, next(model.parameters()).device)
-    if key not in steps:
-        cache, keyword = _cache(model, batch, length), _cache_keyword(model)
-
+def _step_for(model: nn.Module, batch: int, length: int, compile: bool, greedy: bool):
+    """(step, cache) for this batch size and cache length, built once and reused. A greedy
+    step returns the next tokens [B, 1] (the argmax fused into the compiled step), else the
+    logits [B, V]."""
+    kept = _steps.setdefault(model, {})
+    device = next(model.parameters()).device
+    if (batch, length, device) not in kept:  # one cache per shape, shared by the steps
+        kept[batch, length, device] = _cache(model, batch, length)
+    cache, keyword = kept[batch, length, device], _cache_keyword(model)
+    key = (batch, length, device, compile, greedy)
+    if key not in kept:
         def step(token: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
-            """Logits [B, V] for ``token`` [B, 1] at ``position`` [1]; fills the cache."""
+            """``token`` [B, 1] at ``position`` [1] -> next tokens or logits; fills the cache."""
             out = model(input_ids=token, cache_position=position, position_ids=position.expand(token.shape[0], 1),
                         use_cache=True, **{keyword: cache})
-            return out.logits[:, -1]
+            logits = out.logits[:, -1]
+            return logits.argmax(-1, keepdim=True) if greedy else logits
 
-        if compile:
-            step = _compiled(step, model)
-        steps[key] = (step, cache)
-    return steps[key]
+        kept[key] = _compiled(step, model) if compile else step
+    return kept[key], cache
 
 
 def reset(model: nn.Module) -> None:
@@ -171,22 +180,24 @@ def generate(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int, *, 
     ids = input_ids.to(device=device, dtype=torch.int64)
     if compile:
         use_decode_attention_(model)
-    step, cache = _step_for(model, batch, length, compile)
+    greedy = temperature == 0.0
+    step, cache = _step_for(model, batch, length, compile, greedy)
     cache.reset()
     positions = torch.arange(prompt, device=device)
     logits = model(input_ids=ids, cache_position=positions, logits_to_keep=1, use_cache=True,
                    **{_cache_keyword(model): cache}).logits[:, -1]
     out = [ids]
     done = torch.zeros(batch, 1, dtype=torch.bool, device=device)
+    token = _pick(logits, temperature, top_k, generator)
     for i in range(max_new_tokens):
-        token = _pick(logits, temperature, top_k, generator)
         if eos_token_id is not None:
             token = token.masked_fill(done, eos_token_id)
             done |= token == eos_token_id
         out.append(token)
         if i + 1 == max_new_tokens or (eos_token_id is not None and bool(done.all())):
             break
-        logits = step(token, positions[-1:] + (i + 1))
+        result = step(token, positions[-1:] + (i + 1))  # greedy: already the next tokens
+        token = result if greedy else _pick(result, temperature, top_k, generator)
     return torch.cat(out, dim=1)
 
 
