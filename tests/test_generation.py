@@ -20,7 +20,7 @@ def reference(model, ids, n, **kwargs):
     return model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, disable_compile=True, **kwargs)
 
 
-@pytest.mark.parametrize("compile", [False, True])
+@pytest.mark.parametrize("compile", [False, True, "max"])
 def test_greedy_matches_transformers(compile):
     model = quantized_llama()
     ids = torch.randint(3, 320, (1, 7))
@@ -28,7 +28,7 @@ def test_greedy_matches_transformers(compile):
     out = generate(model, ids, 12, compile=compile)
     assert torch.equal(out, expected)
     if compile:  # a second call reuses the compiled step and its cache (reset in between)
-        assert torch.equal(generate(model, ids, 12), expected)
+        assert torch.equal(generate(model, ids, 12, compile=compile), expected)
         generation.reset(model)
         torch._dynamo.reset()
 
@@ -115,3 +115,8 @@ def test_decode_attention_matches_sdpa(kv_heads):
     prompt = torch.randn(3, 4, 5, 16)  # more than one query: sdpa itself
     assert torch.equal(generation._decode_attention(module, prompt, k, v, None)[0],
                        sdpa_attention_forward(module, prompt, k, v, None)[0])
+
+
+def test_compile_mode_is_checked():
+    with pytest.raises(ValueError, match="compile must be one of"):
+        generate(tiny_llama(), torch.randint(0, 320, (1, 4)), 4, compile="fast")
