@@ -64,13 +64,19 @@ def timer(quant: str, threads: int, context: int):
     llm = llama_cpp.Llama(model_path=str(gguf(quant)), n_ctx=context, n_batch=512, n_threads=threads,
                           n_threads_batch=threads, verbose=False)
 
+    vocab = llm.n_vocab()
+
+    def next_token() -> int:  # greedy on the last evaluated token's logits (a view, no copy)
+        logits = llama_cpp.llama_get_logits_ith(llm._ctx.ctx, -1)
+        return int(np.argmax(np.ctypeslib.as_array(logits, shape=(vocab,))))
+
     def timed(prompt: list[int], n: int) -> float:
         t = time.perf_counter()
         llm.reset()
         llm.eval(prompt)
-        for _ in range(n):
-            token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
-            if _ + 1 < n:
+        for i in range(n):
+            token = next_token()
+            if i + 1 < n:
                 llm.eval([token])
         return time.perf_counter() - t
 
