@@ -11,20 +11,24 @@ module's parameters, plus a few tensor ops::
 
 The prompt is prefilled eagerly (any length, no recompilation); the step is compiled
 once per model, batch size and cache length. The cache length is the prompt plus the new
-tokens rounded up to ``CACHE_STEP``, so calls of similar lengths reuse one graph.
+tokens rounded up to ``CACHE_STEP``, so calls of similar lengths reuse one graph. Single
+tokens attend through ``_decode_attention`` (registered with transformers as
+``awqtensor_decode``; prompts still take sdpa), which the compiled step fuses.
 
 ``fast_generate_(model)`` makes transformers' own ``model.generate`` take what it can of
-this: a static cache and a compiled forward with the same guard filter, also on the CPU
-(transformers compiles only on accelerators by default).
+this: a static cache, the decode attention and a compiled forward with the same guard
+filter, also on the CPU (transformers compiles only on accelerators by default).
 
 Both skip Dynamo's guards on module attributes: after compiling, a module's parameters
-must not be replaced (``quantize_``, ``fuse_`` and loading belong before the first call;
-a replaced module is not noticed). ``reset(model)`` drops the compiled step.
+must not be replaced (``quantize_``, ``fuse_``, ``quantize_head_`` and loading belong
+before the first call; a replaced module is not noticed). ``reset(model)`` drops the
+compiled steps and caches kept for it.
 """
 
 from __future__ import annotations
 
 import inspect
+import itertools
 import types
 import weakref
 
@@ -41,14 +45,13 @@ def _compiled(fn, model: nn.Module, mode: bool | str = True):
     a compiled graph would also match another model of the same code whose parameters
     differ in type or shape, so each model's function gets a code object of its own:
     Dynamo keeps compiled graphs per code object."""
-    _counter[0] += 1
-    code = fn.__code__.replace(co_name=f"{fn.__name__}_{type(model).__name__}_{_counter[0]}")
+    code = fn.__code__.replace(co_name=f"{fn.__name__}_{type(model).__name__}_{next(_numbers)}")
     own = types.FunctionType(code, fn.__globals__, code.co_name, fn.__defaults__, fn.__closure__)
     options = dict(COMPILE_OPTIONS, **({"cpp_wrapper": True} if mode == "max" else {}))
     return torch.compile(own, fullgraph=True, options=options)
 
 
-_counter = [0]
+_numbers = itertools.count()
 COMPILE_OPTIONS = {
     "guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe,
     # Inductor checks each custom op's output against its fake in Python (assert_size_stride,
