@@ -27,6 +27,7 @@ compiled steps and caches kept for it.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import itertools
 import types
@@ -36,7 +37,9 @@ import torch
 from torch import nn
 
 CACHE_STEP = 256  # cache lengths are rounded up to a multiple of this (one graph per length)
+# What generate and fast_generate_ compile, per model; nothing kept here refers to its model.
 _steps: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
+_forwards: "weakref.WeakKeyDictionary[nn.Module, object]" = weakref.WeakKeyDictionary()
 
 
 def _compiled(fn, model: nn.Module, mode: bool | str = True):
@@ -130,7 +133,9 @@ def _step_for(model: nn.Module, batch: int, length: int, compile: bool, greedy: 
     cache, keyword = kept[batch, length, device], _cache_keyword(model)
     key = (batch, length, device, compile, greedy)
     if key not in kept:
-        def step(token: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+        # The model comes in as an argument, not through the closure: a step kept in
+        # ``_steps`` must not hold its key alive (the model could never be freed).
+        def step(model: nn.Module, token: torch.Tensor, position: torch.Tensor, cache) -> torch.Tensor:
             """``token`` [B, 1] at ``position`` [1] -> next tokens or logits; fills the cache."""
             out = model(input_ids=token, cache_position=position, position_ids=position.expand(token.shape[0], 1),
                         use_cache=True, **{keyword: cache})
@@ -144,6 +149,7 @@ def _step_for(model: nn.Module, batch: int, length: int, compile: bool, greedy: 
 def reset(model: nn.Module) -> None:
     """Forget the compiled decode steps (and their caches) kept for ``model``."""
     _steps.pop(model, None)
+    _forwards.pop(model, None)
 
 
 def _pick(logits: torch.Tensor, temperature: float, top_k: int | None, generator) -> torch.Tensor:
@@ -208,7 +214,7 @@ def generate(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int, *, 
         out.append(token)
         if i + 1 == max_new_tokens or (eos_token_id is not None and bool(done.all())):
             break
-        result = step(token, positions[-1:] + (i + 1))  # greedy: already the next tokens
+        result = step(model, token, positions[-1:] + (i + 1), cache)  # greedy: already the next tokens
         token = result if greedy else _pick(result, temperature, top_k, generator)
     return torch.cat(out, dim=1)
 
@@ -224,15 +230,15 @@ def fast_generate_(model: nn.Module) -> nn.Module:
     model.generation_config.compile_config = config
     model.generation_config.cache_implementation = "static"
     use_decode_attention_(model)
-    compiled = []
-
-    def get_compiled_call(compile_config=None):
-        """transformers' hook for its compiled forward: ours, built once for this model."""
-        if not compiled:
-            def forward(*args, **kwargs):
-                return model(*args, **kwargs)
-            compiled.append(_compiled(forward, model))
-        return compiled[0]
-
-    model.get_compiled_call = get_compiled_call
+    model.get_compiled_call = types.MethodType(_compiled_call, model)  # a copy of the model rebinds it
     return model
+
+
+def _compiled_call(model: nn.Module, compile_config=None):
+    """transformers' hook for its compiled forward (``fast_generate_``): ours, one per model."""
+    if model not in _forwards:
+        def forward(module: nn.Module, *args, **kwargs):
+            return module(*args, **kwargs)
+
+        _forwards[model] = _compiled(forward, model)
+    return functools.partial(_forwards[model], model)

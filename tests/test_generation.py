@@ -120,3 +120,19 @@ def test_decode_attention_matches_sdpa(kv_heads):
 def test_compile_mode_is_checked():
     with pytest.raises(ValueError, match="compile must be one of"):
         generate(tiny_llama(), torch.randint(0, 320, (1, 4)), 4, compile="fast")
+
+
+def test_a_model_used_for_generation_can_be_freed():
+    import gc
+    import weakref
+
+    model = quantized_llama()
+    ids = torch.randint(3, 320, (1, 4))
+    generate(model, ids, 3)
+    fast_generate_(model)
+    model.generate(ids, max_new_tokens=3, min_new_tokens=3, do_sample=False)
+    alive = weakref.ref(model)
+    del model
+    gc.collect()
+    torch._dynamo.reset()
+    assert alive() is None
