@@ -122,15 +122,15 @@ def _cache(model: nn.Module, batch: int, length: int):
     return StaticCache(config=model.config, max_cache_len=length)  # sized by the first update
 
 
-def _step_for(model: nn.Module, batch: int, length: int, compile: bool, greedy: bool):
-    """(step, cache) for this batch size and cache length, built once and reused. A greedy
-    step returns the next tokens [B, 1] (the argmax fused into the compiled step), else the
-    logits [B, V]."""
+def _step_for(model: nn.Module, batch: int, length: int, device: torch.device, keyword: str, compile: bool | str,
+              greedy: bool):
+    """(step, cache) for this batch size and cache length, built once and reused; the cache
+    is passed to the model as ``keyword``. A greedy step returns the next tokens [B, 1] (the
+    argmax fused into the compiled step), else the logits [B, V]."""
     kept = _steps.setdefault(model, {})
-    device = next(model.parameters()).device
     if (batch, length, device) not in kept:  # one cache per shape, shared by the steps
         kept[batch, length, device] = _cache(model, batch, length)
-    cache, keyword = kept[batch, length, device], _cache_keyword(model)
+    cache = kept[batch, length, device]
     key = (batch, length, device, compile, greedy)
     if key not in kept:
         # The model comes in as an argument, not through the closure: a step kept in
@@ -199,11 +199,12 @@ def generate(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int, *, 
     if compile:
         use_decode_attention_(model)
     greedy = temperature == 0.0
-    step, cache = _step_for(model, batch, length, compile, greedy)
+    keyword = _cache_keyword(model)
+    step, cache = _step_for(model, batch, length, device, keyword, compile, greedy)
     cache.reset()
     positions = torch.arange(prompt, device=device)
     logits = model(input_ids=ids, cache_position=positions, logits_to_keep=1, use_cache=True,
-                   **{_cache_keyword(model): cache}).logits[:, -1]
+                   **{keyword: cache}).logits[:, -1]
     out = [ids]
     done = torch.zeros(batch, 1, dtype=torch.bool, device=device)
     token = _pick(logits, temperature, top_k, generator)

@@ -27,7 +27,7 @@ from torch.utils._python_dispatch import return_and_correct_aliasing
 from torchao.utils import TorchAOBaseTensor
 
 from . import packing
-from .tensor import FLOAT_DTYPES, Int4AWQTensor, _int4_linear_op
+from .tensor import FLOAT_DTYPES, Int4AWQTensor, _int4_linear_op, moved_copy
 
 aten = torch.ops.aten
 HI_ZERO = 8  # hi codes are stored offset by 8: [-8, 7] -> [0, 15]
@@ -144,13 +144,7 @@ def _embedding(input, weight, padding_idx=None, max_norm=None, norm_type=2.0, sc
 @implements(aten._to_copy.default)
 def _(func, types, args, kwargs):
     self = args[0]
-    dtype = kwargs.get("dtype") or self.dtype
-    if dtype not in FLOAT_DTYPES:
-        raise TypeError(f"Int8HeadTensor can move to {FLOAT_DTYPES}, not {dtype}")
-    halves = self.halves._repacked_for(kwargs.get("device") or self.device, dtype)
-    if halves is self.halves:
-        halves = halves._apply_fn_to_data(torch.clone)
-    return return_and_correct_aliasing(func, args, kwargs, Int8HeadTensor(halves, self.shape))
+    return return_and_correct_aliasing(func, args, kwargs, Int8HeadTensor(moved_copy(self.halves, kwargs), self.shape))
 
 
 def head_modules(model: nn.Module) -> tuple[str, nn.Module] | None:

@@ -256,14 +256,17 @@ def _int4_linear_op(x, weight, bias):
 
 @implements(aten._to_copy.default)
 def _(func, types, args, kwargs):
-    self = args[0]
-    dtype = kwargs.get("dtype") or self.dtype
+    return return_and_correct_aliasing(func, args, kwargs, moved_copy(args[0], kwargs))
+
+
+def moved_copy(t: "Int4AWQTensor", kwargs: dict) -> "Int4AWQTensor":
+    """``_to_copy``'s result: ``t`` repacked for the device and dtype in ``kwargs``, or
+    cloned when neither changes (a copy never shares storage with its source)."""
+    dtype = kwargs.get("dtype") or t.dtype
     if dtype not in FLOAT_DTYPES:
-        raise TypeError(f"Int4AWQTensor can move to {FLOAT_DTYPES}, not {dtype}")
-    moved = self._repacked_for(kwargs.get("device") or self.device, dtype)
-    if moved is self:
-        moved = self._apply_fn_to_data(torch.clone)
-    return return_and_correct_aliasing(func, args, kwargs, moved)
+        raise TypeError(f"{type(t).__name__} can move to {FLOAT_DTYPES}, not {dtype}")
+    moved = t._repacked_for(kwargs.get("device") or t.device, dtype)
+    return t._apply_fn_to_data(torch.clone) if moved is t else moved
 
 
 @implements(aten.copy_.default)
