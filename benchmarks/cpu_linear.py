@@ -14,14 +14,14 @@ M = 1, 4, 16, 64, 128, 512; group size 64. Implementations, all called as
   the ``cpu_int4pack`` layout) with bf16 activations, its fast case;
 * ``awqtensor fp32``, ``awqtensor bf16``, ``awqtensor fp16``: awqtensor's op
   (``cpu_blocks``) on fp32, bf16 and fp16 activations (int8 activations inside, see
-  awqtensor/ops/cpu_kernel.py, or the bf16 route for large M).
+  awqtensor/ops/cpu_kernel.py, or the dense route for large M).
 
 Each is timed twice: ``hot``, the same weight every call (a small one then sits in the
 CPU's caches, which flatters the dense matmul), and ``cold``, cycling through copies that
 together take twice the last-level cache, as the layers of a large model do. Speedups are
 against ``dense fp32`` in the same cache state. The ``route`` column says whether
-awqtensor's call ran the int8 kernel or, for large M on CPUs with native bf16 matmuls,
-dequantize + bf16 matmul (``cpu_kernel.dense_unsuitable``).
+awqtensor's call ran the int8 kernel or, for large M, dequantize + matmul (bf16 on CPUs
+with native bf16 matmuls, else fp32; ``cpu_kernel.dense_unsuitable``).
 """
 
 from __future__ import annotations
@@ -135,7 +135,7 @@ def main():
                         w = impls[impl][0]
                         route = ""
                         if impl.startswith("awqtensor"):
-                            route = "int8 kernel" if cpu_kernel.dense_unsuitable(m, n, k) else "bf16 dense route"
+                            route = "int8 kernel" if cpu_kernel.dense_unsuitable(m, n, k) else "dense route"
                         rows.append({"shape": name, "N": n, "K": k, "M": m, "cache": "cold" if cold else "hot",
                                      "impl": impl, "ms": round(ms_, 4), "weight_GBps": round(nbytes(w) / ms_ / 1e6, 2),
                                      "GFLOPs": round(2 * m * n * k / ms_ / 1e6, 2), "speedup": round(base / ms_, 3),

@@ -1,4 +1,4 @@
-"""Where the C++ op's bf16 route starts to beat the int8 kernel, on this CPU.
+"""Where the C++ op's dense route starts to beat the int8 kernel, on this CPU.
 
     python benchmarks/cpu_route.py              # table on stdout, CSV in benchmarks/results/
     python benchmarks/cpu_route.py --repeats 3  # each cell three times, in turn; the fastest kept
@@ -26,7 +26,7 @@ from awqtensor.ops import cpu_kernel
 from common import cpu_device, provenance, slug, write_csv
 from cpu_linear import SHAPES, median_ms
 
-MS = (4, 8, 16, 32, 64, 128)
+MS = (4, 8, 16, 32, 64, 128, 256, 512)
 
 
 def main():
@@ -37,7 +37,7 @@ def main():
     parser.add_argument("--csv", help="default: benchmarks/results/cpu_route_<device>.csv")
     args = parser.parse_args()
     if cpu_kernel.unavailable() or not cpu_kernel.binding():
-        raise SystemExit(f"the bf16 route lives in the C++ op, which is not built here: {cpu_kernel.unavailable()}")
+        raise SystemExit(f"the dense route lives in the C++ op, which is not built here: {cpu_kernel.unavailable()}")
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     device = f"{cpu_device(args.threads)}, kernel isa {cpu_kernel.isa()}"

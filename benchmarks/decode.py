@@ -13,7 +13,7 @@ Greedy decoding; tokens/s is measured between the first new token and the last,
   with a static cache (compiled: its forward through ``torch.compile``);
 * ``awq eager`` / ``awq compiled`` / ``awq compiled fused``: the same with int4 weights
   (``fuse_``: q/k/v and gate/up fused), the head in float;
-* ``awq compiled fused int8 only`` (CPU): the int8 kernel at every M, no bf16 route;
+* ``awq compiled fused int8 only`` (CPU): the int8 kernel at every M, no dense route;
 * ``awq fast_generate_``: int4 fused, 8-bit head (``quantize_head_``), ``model.generate``
   after ``awqtensor.fast_generate_`` (transformers compiles its decode step);
 * ``awq generate``: the same weights through ``awqtensor.generate`` (one compiled step per
@@ -157,8 +157,8 @@ def main():
             model, timer = build(variant, base, args.group_size, mode)
             timed = timer(ids)
         saved = os.environ.get("AWQTENSOR_DISABLE")
-        if variant.endswith("int8 only"):  # the CPU kernel at every M: no bf16 route for the prefill
-            os.environ["AWQTENSOR_DISABLE"] = ",".join(filter(None, [saved, "cpu_dense_bf16"]))
+        if variant.endswith("int8 only"):  # the CPU kernel at every M: no dense route for the prefill
+            os.environ["AWQTENSOR_DISABLE"] = ",".join(filter(None, [saved, "cpu_dense"]))
         tps, first = measure(timed, args.new_tokens, args.batch)
         if saved is None:
             os.environ.pop("AWQTENSOR_DISABLE", None)

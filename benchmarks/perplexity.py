@@ -6,8 +6,8 @@ runs in its own process so its peak RSS is its own. Prints a table, writes CSV.
 
 Weights are evaluated with exact matmuls; ``--cpu-kernel`` evaluates them through
 awqtensor's CPU op as a model runs it, into ``perplexity_g{G}_cpu_kernel.csv``: the int8
-kernel, except that on CPUs with native bf16 matmuls calls from M = 16 (all of the
-evaluation's 512-token windows) take the bf16 route (``awqtensor/ops/cpu_kernel.py``);
+kernel, except that large calls (all of the evaluation's 512-token windows) take the dense
+route, bf16 on CPUs with native bf16 matmuls, else fp32 (``awqtensor/ops/cpu_kernel.py``);
 ``--int8-only`` turns that route off (``perplexity_g{G}_cpu_kernel_int8.csv``).
 
 ``--int8-head`` also evaluates the same quantized weights with the output head (tied to
@@ -101,7 +101,7 @@ def main():
     parser.add_argument("--cpu-kernel", action="store_true",
                         help="evaluate with awqtensor's CPU kernel (int8 activations) instead of exact matmuls")
     parser.add_argument("--int8-only", action="store_true",
-                        help="with --cpu-kernel: no bf16 route for large M, the int8 kernel everywhere")
+                        help="with --cpu-kernel: no dense route for large M, the int8 kernel everywhere")
     parser.add_argument("--int8-head", action="store_true",
                         help="also evaluate with the output head in 8 bits (column ppl_int8_head)")
     parser.add_argument("--csv", default=None, help="default: benchmarks/results/perplexity_g{group_size}"
@@ -118,7 +118,7 @@ def main():
         # The quality of the weights is measured with exact matmuls (dequantize, then the dense
         # matmul), as the reference protocol does; --cpu-kernel measures what the kernel adds.
         env = dict(os.environ)
-        disable = "cpu_dense_bf16" if args.cpu_kernel and args.int8_only else None if args.cpu_kernel else "cpu_blocks"
+        disable = "cpu_dense" if args.cpu_kernel and args.int8_only else None if args.cpu_kernel else "cpu_blocks"
         if disable:
             env["AWQTENSOR_DISABLE"] = ",".join(filter(None, [env.get("AWQTENSOR_DISABLE"), disable]))
         out = subprocess.run(child, check=True, capture_output=True, text=True, env=env).stdout
@@ -134,7 +134,9 @@ def main():
         from awqtensor.ops import cpu_kernel
 
         route = cpu_kernel.dense_unsuitable(args.seq_len, 576, 576) if not args.int8_only else "off (--int8-only)"
-        matmul = "awqtensor's CPU op: int8 kernel" + (f"; bf16 route {route}" if route else ", bf16 route for M >= 16")
+        dense = f"{str(cpu_kernel._dense['dtype']).removeprefix('torch.')} route"
+        matmul = "awqtensor's CPU op: int8 kernel" + (f"; {dense} {route}" if route else
+                                                      f", {dense} from M = {cpu_kernel._dense['min_m']}")
     print(f"\nSmolLM2-135M-Instruct fp32, int4 asymmetric g{args.group_size}, {matmul}; calibration "
           f"{args.calib_blocks} x {args.seq_len} tokens of {args.calib_text}; evaluation {args.windows} x "
           f"{args.seq_len} tokens of {args.eval_text}; {device}, torch {torch.__version__}")

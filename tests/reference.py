@@ -90,12 +90,14 @@ def q8_linear(x: torch.Tensor, t, bias: torch.Tensor | None = None) -> torch.Ten
     return y if bias is None else y + bias.double()
 
 
-def bf16_linear(x: torch.Tensor, t, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """float64 model of the CPU op's large-M route: ``x * act_scale`` (an fp32 product) and
-    the weight rounded to bf16, then products and sums in float64. The route's fp32 sum and
-    the bf16 rounding of its result are left to the caller's tolerance."""
+def dense_route_linear(x: torch.Tensor, t, bias: torch.Tensor | None = None,
+                       route: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """float64 model of the CPU op's large-M route in ``route`` (bf16 or fp32): ``x *
+    act_scale`` (an fp32 product) and the weight, each rounded to ``route``, then products
+    and sums in float64. The route's fp32 sum and the rounding of its result are left to
+    the caller's tolerance."""
     xs = x.float() * t.act_scale.to(x.dtype).float() if t.act_scale is not None else x.float()
-    xb = xs.to(torch.bfloat16).double()
-    wb = torch.from_numpy(dequantize(t, with_act_scale=False)).float().to(torch.bfloat16).double()
+    xb = xs.to(route).double()
+    wb = torch.from_numpy(dequantize(t, with_act_scale=False)).float().to(route).double()
     y = xb @ wb.T
     return y if bias is None else y + bias.double()

@@ -268,27 +268,35 @@ def test_dequantize_matches_float64(n, k, group_size, monkeypatch):
 
 @pytest.fixture
 def dense_route_everywhere():
-    """The bf16 route from M = 2 and any size, whatever this CPU's bf16 speed."""
+    """The dense route from M = 2 and any size, whatever this CPU's speed."""
     old = cpu_kernel.dense_route(2, 0)
     yield
     cpu_kernel.dense_route(**old)
 
 
 def test_dense_route_default_follows_the_cpu():
-    expected = cpu_kernel.DENSE_MIN_M if cpu_kernel.fast_bf16_matmul() else None
-    assert cpu_kernel._dense["min_m"] == expected
-    if expected is not None and cpu_kernel.binding():
+    bf16 = cpu_kernel.fast_bf16_matmul()
+    assert cpu_kernel._dense["min_m"] == (cpu_kernel.DENSE_MIN_M if bf16 else cpu_kernel.FP32_DENSE_MIN_M)
+    assert cpu_kernel._dense["dtype"] == (torch.bfloat16 if bf16 else torch.float32)
+    if cpu_kernel.binding():
         assert cpu_kernel.dense_unsuitable(1, 4096, 4096) is not None  # decode stays on the int8 kernel
         assert cpu_kernel.dense_unsuitable(15, 4096, 4096) is not None
         assert cpu_kernel.dense_unsuitable(128, 4096, 4096) is None
-        assert cpu_kernel.dense_unsuitable(16, 192, 576) is not None  # too small to pay torch's setup
+        assert cpu_kernel.dense_unsuitable(512, 192, 576) is None  # prefill
+        if bf16:
+            assert cpu_kernel.dense_unsuitable(16, 192, 576) is not None  # too small to pay torch's setup
+        else:
+            assert cpu_kernel.dense_unsuitable(64, 4096, 4096) is not None  # sgemm beats the kernel later
 
 
-@pytest.mark.skipif(not ISAS or not cpu_kernel.binding(), reason="the bf16 route lives in the C++ op")
+@pytest.mark.skipif(not ISAS or not cpu_kernel.binding(), reason="the dense route lives in the C++ op")
+@pytest.mark.parametrize("route", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("chunk", [1 << 24, 1000])  # the weight in one piece; in several, the last one short
-def test_dense_route_matches_float64_bf16_model(dense_route_everywhere, isa, dtype, chunk):
-    cpu_kernel.dense_route(2, 0, chunk)
+def test_dense_route_matches_float64_model(dense_route_everywhere, isa, dtype, chunk, route):
+    cpu_kernel.dense_route(2, 0, chunk, dtype=route)
+    # bf16: rounding of the result (2^-8 of itself) on top of the fp32 sum; fp32: the result's dtype
+    tolerance = TERMS_TOLERANCE[torch.bfloat16 if route == torch.bfloat16 else dtype]
     for (n, k, group_size), (zero_point, act_scale) in zip(CASES, [(True, False), (False, True), (True, True)] * 3):
         t = weight(n, k, dtype, group_size, zero_point, act_scale, seed=n * k + 1)
         bias = bias_for(n, dtype, seed=k)
@@ -297,8 +305,8 @@ def test_dense_route_matches_float64_bf16_model(dense_route_everywhere, isa, dty
         for b in (None, bias):
             y = F.linear(x, t, b)
             assert y.dtype == dtype and y.shape == (20, n)
-            # bf16 rounding of the result (2^-8 of itself) on top of the fp32 sum
-            assert products_error(y, reference.bf16_linear(x, t, b), x, t, b) < TERMS_TOLERANCE[torch.bfloat16], (n, k, group_size)
+            expected = reference.dense_route_linear(x, t, b, route)
+            assert products_error(y, expected, x, t, b) < tolerance, (n, k, group_size)
             int8 = cpu_kernel.linear(x, t.qweight, t.scales.shape[1], t.group_size, t.act_scale, b, n)
             assert not torch.equal(y, int8)  # the route ran, not the kernel
         y3 = F.linear(x.reshape(4, 5, k), t, bias)  # leading dimensions
@@ -307,24 +315,27 @@ def test_dense_route_matches_float64_bf16_model(dense_route_everywhere, isa, dty
         assert torch.equal(one, cpu_kernel.linear(x[:1], t.qweight, t.scales.shape[1], t.group_size, t.act_scale, bias, n))
 
 
-@pytest.mark.skipif(not ISAS or not cpu_kernel.binding(), reason="the bf16 route lives in the C++ op")
+@pytest.mark.skipif(not ISAS or not cpu_kernel.binding(), reason="the dense route lives in the C++ op")
 def test_dense_route_can_be_turned_off(dense_route_everywhere, monkeypatch):
     t = weight(24, 192, torch.float32, 64, act_scale=True, seed=18)
     x = activations(32, 192, torch.float32, seed=19)
     int8 = cpu_kernel.linear(x, t.qweight, t.scales.shape[1], t.group_size, t.act_scale, None, 24)
     assert not torch.equal(F.linear(x, t), int8)
-    monkeypatch.setenv("AWQTENSOR_DISABLE", "cpu_dense_bf16")
-    assert "AWQTENSOR_DISABLE" in cpu_kernel.dense_unsuitable(32, 24, 192)
-    assert torch.equal(F.linear(x, t), int8)
+    for name in ("cpu_dense", "cpu_dense_bf16"):  # the second: its name before the fp32 route existed
+        monkeypatch.setenv("AWQTENSOR_DISABLE", name)
+        assert "AWQTENSOR_DISABLE" in cpu_kernel.dense_unsuitable(32, 24, 192)
+        assert torch.equal(F.linear(x, t), int8)
     monkeypatch.delenv("AWQTENSOR_DISABLE")
     cpu_kernel.dense_route(None)
     assert cpu_kernel.dense_unsuitable(32, 24, 192) is not None
     assert torch.equal(F.linear(x, t), int8)
     with pytest.raises(ValueError, match="chunk"):
         cpu_kernel.dense_route(2, 0, chunk=0)
+    with pytest.raises(ValueError, match="bfloat16 or torch.float32"):
+        cpu_kernel.dense_route(2, 0, dtype=torch.float16)
 
 
-@pytest.mark.skipif(not ISAS or not cpu_kernel.binding(), reason="the bf16 route lives in the C++ op")
+@pytest.mark.skipif(not ISAS or not cpu_kernel.binding(), reason="the dense route lives in the C++ op")
 def test_dense_route_under_compile_and_opcheck(dense_route_everywhere):
     t = weight(32, 128, torch.float32, 64, act_scale=True, seed=20)
     linear = torch.nn.Linear(128, 32, bias=True)

@@ -28,8 +28,10 @@ thread keeps) and runs torch's bf16 matmul instead (``dense_linear`` in cpu_op.c
 in the ctypes build): on our AMX Xeon, at M = 128 on 4096x4096, 4.4 ms against the
 int8 kernel's 20 ms and dense fp32's 13-16 ms (``benchmarks/cpu_linear.py``). Its outputs
 carry bf16 rounding (activations, weights and result; fp32 accumulation): RTN perplexity
-29.31 against 29.38 with int8 activations and 29.30 exact (README).
-``dense_route(None)`` or ``AWQTENSOR_DISABLE=cpu_dense_bf16`` turns it off.
+29.31 against 29.38 with int8 activations and 29.30 exact (README). CPUs without native
+bf16 take the same route in fp32 (exact products) from ``FP32_DENSE_MIN_M`` rows, where
+sgemm beats the int8 kernel. ``dense_route(None)`` or ``AWQTENSOR_DISABLE=cpu_dense``
+turns it off.
 """
 
 from __future__ import annotations
@@ -65,6 +67,12 @@ DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 # 0.84-1.13x: around a tie, within noise, so M = 16 stays.
 DENSE_MIN_M = 16
 DENSE_MIN_MACS = 3_000_000
+# Without native bf16 the route dequantizes to fp32 and calls sgemm. On a 2-core AMD EPYC
+# with AVX2 only (benchmarks/cpu_route.py, against the kernel's AVX2 path): SmolLM2's
+# shapes tie at M = 64 and gain 1.07-1.20x at M = 128, 1.26-1.59x at M = 512; 4096x4096
+# loses 1.28x at M = 64, ties at 128 and gains 1.16x at 512. So from M = 128, any size.
+FP32_DENSE_MIN_M = 128
+FP32_DENSE_MIN_MACS = 0
 
 
 def last_level_cache_bytes() -> int:
@@ -155,7 +163,7 @@ def _load_binding(compiler: str) -> ctypes.CDLL | None:
             torch.ops.load_library(str(path))
             _binding_loaded.append(path)
         lib = ctypes.CDLL(str(path))
-        lib.awq_cpu_set_dense_route.argtypes = [ctypes.c_int64] * 3
+        lib.awq_cpu_set_dense_route.argtypes = [ctypes.c_int64] * 4
         return lib
     except (OSError, RuntimeError, subprocess.SubprocessError):
         return None
@@ -266,23 +274,36 @@ def fast_bf16_matmul() -> bool:
     return any(getattr(cpu, name, lambda: False)() for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"))
 
 
-_dense = {"min_m": DENSE_MIN_M if fast_bf16_matmul() else None, "min_macs": DENSE_MIN_MACS, "chunk": DENSE_CHUNK}
+def _default_route() -> dict:
+    if fast_bf16_matmul():
+        return {"min_m": DENSE_MIN_M, "min_macs": DENSE_MIN_MACS, "chunk": DENSE_CHUNK, "dtype": torch.bfloat16}
+    return {"min_m": FP32_DENSE_MIN_M, "min_macs": FP32_DENSE_MIN_MACS, "chunk": DENSE_CHUNK // 2, "dtype": torch.float32}
 
 
-def _dense_thresholds() -> tuple[int, int, int]:
-    """(min M, min multiply-adds, chunk elements) for the C++ op; M = 0 means never."""
-    return (_dense["min_m"] or 0, _dense["min_macs"], _dense["chunk"])
+_dense = _default_route()
 
 
-def dense_route(min_m: int | None, min_macs: int = DENSE_MIN_MACS, chunk: int = DENSE_CHUNK) -> dict:
-    """From which call size the C++ op's bf16 route serves "cpu_blocks" weights: ``min_m``
+def _dense_thresholds() -> tuple[int, int, int, int]:
+    """(min M, min multiply-adds, chunk elements, dtype code) for the C++ op; M = 0 means never."""
+    return (_dense["min_m"] or 0, _dense["min_macs"], _dense["chunk"], DTYPES[_dense["dtype"]])
+
+
+def dense_route(min_m: int | None, min_macs: int = DENSE_MIN_MACS, chunk: int | None = None,
+                dtype: torch.dtype | None = None) -> dict:
+    """From which call size the C++ op's dense route serves "cpu_blocks" weights: ``min_m``
     rows and ``min_macs`` multiply-adds (``min_m=None``: never), dequantizing ``chunk``
-    weight elements at a time. The default is on where the CPU has native bf16 matmuls
-    (``fast_bf16_matmul``). Returns the previous settings (``dense_route(**old)`` restores)."""
-    if chunk < 1:
+    weight elements at a time (default: a quarter of the last-level cache) to ``dtype``
+    (bf16 or fp32; default: what it was). The
+    default is bf16 where the CPU has native bf16 matmuls (``fast_bf16_matmul``), else
+    fp32 from larger M. Returns the previous settings (``dense_route(**old)`` restores)."""
+    if chunk is not None and chunk < 1:
         raise ValueError(f"chunk must be at least 1 element, got {chunk}")
+    if dtype not in (None, torch.bfloat16, torch.float32):
+        raise ValueError(f"the dense route dequantizes to torch.bfloat16 or torch.float32, not {dtype}")
     old = dict(_dense)
-    _dense.update(min_m=min_m, min_macs=min_macs, chunk=chunk)
+    dtype = dtype or old["dtype"]
+    chunk = chunk or DENSE_CHUNK * 2 // dtype.itemsize
+    _dense.update(min_m=min_m, min_macs=min_macs, chunk=chunk, dtype=dtype)
     lib = _load()[0]
     if lib is not None and hasattr(lib, "awq_cpu_set_dense_route"):
         lib.awq_cpu_set_dense_route(*_dense_thresholds())
@@ -290,13 +311,14 @@ def dense_route(min_m: int | None, min_macs: int = DENSE_MIN_MACS, chunk: int = 
 
 
 def dense_unsuitable(m: int, n: int, k: int) -> str | None:
-    """Why the C++ op would not take the bf16 route for an [m, k] x [n, k] call, or None."""
+    """Why the C++ op would not take the dense route for an [m, k] x [n, k] call, or None."""
     if not binding():
-        return "the bf16 route lives in the C++ op, which is not built here (ctypes mode)"
-    if "cpu_dense_bf16" in os.environ.get("AWQTENSOR_DISABLE", "").split(","):
-        return "disabled by AWQTENSOR_DISABLE=cpu_dense_bf16"
+        return "the dense route lives in the C++ op, which is not built here (ctypes mode)"
+    disabled = {"cpu_dense", "cpu_dense_bf16"} & set(os.environ.get("AWQTENSOR_DISABLE", "").split(","))
+    if disabled:
+        return f"disabled by AWQTENSOR_DISABLE={disabled.pop()}"
     if _dense["min_m"] is None:
-        return "off: no native bf16 matmul on this CPU" if not fast_bf16_matmul() else "off (dense_route(None))"
+        return "off (dense_route(None))"
     if m < _dense["min_m"] or m * n * k < _dense["min_macs"]:
         return f"M={m}, {m * n * k} multiply-adds: below {_dense['min_m']} rows or {_dense['min_macs']}"
     return None

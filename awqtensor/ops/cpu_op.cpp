@@ -1,8 +1,8 @@
 // awqtensor::int4_linear's CPU kernel in C++, so a call costs no Python: cpu_kernel.py
 // builds this file (which includes cpu_kernel.cpp) against torch's headers on first use
-// and loads it with torch.ops.load_library. The "cpu_blocks" layout runs the kernel here;
-// large calls on CPUs with native bf16 matmuls dequantize and run torch's matmul
-// (dense_linear); other layouts go back to the Python dispatcher, awqtensor::_int4_linear_py.
+// and loads it with torch.ops.load_library. The "cpu_blocks" layout runs the kernel here,
+// or for large calls dequantizes and runs torch's matmul (dense_linear); other layouts go
+// back to the Python dispatcher, awqtensor::_int4_linear_py.
 // Without this file built, the kernel (not dense_linear) runs through ctypes from
 // awqtensor/ops/cpu.py.
 
@@ -46,9 +46,11 @@ int dtype_code(c10::ScalarType t) {
 }
 
 // The large-M route: from this many rows and multiply-adds (set from Python by
-// cpu_kernel.dense_route; 0 rows = never), dequantize W to bf16 and run torch's matmul.
-// Weights larger than dense_chunk elements are dequantized and multiplied in pieces.
+// cpu_kernel.dense_route; 0 rows = never), dequantize W to dense_dtype (BF16 on CPUs with
+// native bf16 matmuls, else F32) and run torch's matmul. Weights larger than dense_chunk
+// elements are dequantized and multiplied in pieces.
 int64_t dense_min_m = 0, dense_min_macs = 0, dense_chunk = int64_t(1) << 24;
+int dense_dtype = BF16;
 
 bool disabled(std::string_view name) {  // AWQTENSOR_DISABLE=a,b,...
     const char* env = std::getenv("AWQTENSOR_DISABLE");
@@ -60,40 +62,52 @@ bool disabled(std::string_view name) {  // AWQTENSOR_DISABLE=a,b,...
     return false;
 }
 
-// y = x2 (* act) @ W.T (+ b) through a bf16 copy of W, chunk by chunk: bf16 rounding of x,
-// W and the result, fp32 accumulation inside torch's matmul. Each thread keeps its chunk
-// buffer: a fresh 32 MiB one per call would cost more in page faults than the work.
+// x2 (* act) in the route's dtype: bf16 in one pass of our own (torch's fp16 -> bf16 is
+// slow), rounded once per product; fp32 exactly as given, products in fp32.
+at::Tensor route_input(const at::Tensor& x2, int dtype, const at::Tensor& act, int isa) {
+    const int64_t m = x2.size(0), k = x2.size(1);
+    if (dense_dtype == F32) {
+        at::Tensor xf = x2.to(at::kFloat);
+        return act.defined() ? xf.mul(act.to(at::kFloat)) : xf;
+    }
+    if (x2.scalar_type() == at::kBFloat16 && !act.defined()) return x2;
+    at::Tensor xb = at::empty({m, k}, x2.options().dtype(at::kBFloat16));
+    const int rc = awq_cpu_to_bf16(x2.data_ptr(), m, k, dtype, act.defined() ? act.data_ptr() : nullptr,
+                                   (uint16_t*)xb.data_ptr(), isa);
+    TORCH_CHECK(rc == 0, "awqtensor CPU kernel: activation conversion refused (code ", rc, ")");
+    return xb;
+}
+
+// y = x2 (* act) @ W.T (+ b) through a dense copy of W in dense_dtype, chunk by chunk; with
+// bf16, rounding of x, W and the result, fp32 accumulation inside torch's matmul. Each
+// thread keeps its chunk buffer: a fresh 32 MiB one per call would cost more in page
+// faults than the work.
 at::Tensor dense_linear(const at::Tensor& x2, int dtype, const at::Tensor& w, int64_t n, int64_t groups,
                         int64_t group_size, const at::Tensor& act, const at::Tensor& b) {
-    const int64_t m = x2.size(0), k = x2.size(1), row_bytes = w.size(1);
+    const int64_t k = x2.size(1), row_bytes = w.size(1);
     const int isa = isa_from_env();
-    at::Tensor xb = x2;
-    if (x2.scalar_type() != at::kBFloat16 || act.defined()) {  // one pass; torch's fp16 -> bf16 is slow
-        xb = at::empty({m, k}, x2.options().dtype(at::kBFloat16));
-        const int rc = awq_cpu_to_bf16(x2.data_ptr(), m, k, dtype,
-                                       act.defined() ? act.data_ptr() : nullptr, (uint16_t*)xb.data_ptr(), isa);
-        TORCH_CHECK(rc == 0, "awqtensor CPU kernel: activation conversion refused (code ", rc, ")");
-    }
+    const at::Tensor xr = route_input(x2, dtype, act, isa);
     const int64_t chunk = std::max<int64_t>(1, std::min(n, dense_chunk / std::max<int64_t>(k, 1)));
     thread_local at::Tensor scratch;
-    if (!scratch.defined() || scratch.numel() < chunk * k) scratch = at::empty({chunk * k}, xb.options());
+    if (!scratch.defined() || scratch.numel() < chunk * k || scratch.scalar_type() != xr.scalar_type())
+        scratch = at::empty({chunk * k}, xr.options());
     auto dequantized = [&](int64_t n0, int64_t rows) {
         at::Tensor wd = scratch.narrow(0, 0, rows * k).view({rows, k});
         const int rc = awq_cpu_dequantize((const uint8_t*)w.data_ptr() + n0 * row_bytes, rows, k, groups, group_size,
-                                          BF16, wd.data_ptr(), isa);
+                                          dense_dtype, wd.data_ptr(), isa);
         TORCH_CHECK(rc == 0, "awqtensor CPU kernel: dequantization refused (code ", rc, ")");
         return wd;
     };
     at::Tensor y;
     if (chunk >= n) {
-        y = at::linear(xb, dequantized(0, n));
+        y = at::linear(xr, dequantized(0, n));
         // through fp32: torch's bf16 -> fp16 conversion is 3x slower than both steps
-        if (x2.scalar_type() != at::kBFloat16) y = y.to(at::kFloat).to(x2.scalar_type());
+        if (y.scalar_type() != x2.scalar_type()) y = y.to(at::kFloat).to(x2.scalar_type());
     } else {
-        y = at::empty({m, n}, x2.options());
+        y = at::empty({x2.size(0), n}, x2.options());
         for (int64_t n0 = 0; n0 < n; n0 += chunk) {
             const int64_t rows = std::min(chunk, n - n0);
-            y.narrow(1, n0, rows).copy_(at::linear(xb, dequantized(n0, rows)));
+            y.narrow(1, n0, rows).copy_(at::linear(xr, dequantized(n0, rows)));
         }
     }
     if (b.defined()) y.add_(b);
@@ -121,7 +135,7 @@ at::Tensor int4_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, const
     if (bias) b = bias->to(x.scalar_type()).contiguous();
     const int64_t m = x2.size(0);
     at::Tensor y;
-    if (dense_min_m && m >= dense_min_m && m * n * k >= dense_min_macs && !disabled("cpu_dense_bf16")) {
+    if (dense_min_m && m >= dense_min_m && m * n * k >= dense_min_macs && !disabled("cpu_dense") && !disabled("cpu_dense_bf16")) {
         y = dense_linear(x2, dtype, w, n, groups, group_size, act, b);
     } else {
         y = at::empty({m, n}, x.options());
@@ -140,8 +154,9 @@ at::Tensor int4_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, const
 
 }  // namespace
 
-extern "C" void awq_cpu_set_dense_route(int64_t min_m, int64_t min_macs, int64_t chunk) {
+extern "C" void awq_cpu_set_dense_route(int64_t min_m, int64_t min_macs, int64_t chunk, int64_t dtype) {
     dense_min_m = min_m;
+    dense_dtype = dtype == F32 ? F32 : BF16;
     dense_min_macs = min_macs;
     dense_chunk = chunk;
 }
