@@ -136,3 +136,70 @@ def test_a_model_used_for_generation_can_be_freed():
     gc.collect()
     torch._dynamo.reset()
     assert alive() is None
+
+
+def attention_float64(q, k, v, mask, scale):
+    """Per row and head, in float64 with explicit loops over heads: softmax(q.k * scale
+    (+ mask)) @ v over the keys the mask lets through; mask [B or 1, H or 1, *, >= L]."""
+    b, heads, _, d = q.shape
+    kv_heads, length = k.shape[1], k.shape[2]
+    out = torch.empty(b, 1, heads, d, dtype=torch.float64)
+    for i in range(b):
+        for h in range(heads):
+            kh, vh = k[i, h // (heads // kv_heads)].double(), v[i, h // (heads // kv_heads)].double()
+            s = (kh @ q[i, h, 0].double()) * scale
+            if mask is not None:
+                row = mask[i % mask.shape[0], h % mask.shape[1], -1, :length]
+                s = s.masked_fill(~row, float("-inf")) if row.dtype == torch.bool else s + row.double()
+            p = torch.exp(s - s.max())
+            out[i, 0, h] = (p / p.sum()) @ vh
+    return out
+
+
+CPU_OP = pytest.mark.skipif(not generation._cpu_attention(), reason="awqtensor::decode_attention's C++ kernel is not built")
+
+
+@CPU_OP
+@pytest.mark.parametrize("isa", ["scalar", "best"])
+@pytest.mark.parametrize("b,heads,kv_heads,length,d", [(1, 9, 3, 256, 64), (2, 4, 4, 37, 72), (3, 6, 2, 19, 20),
+                                                      (2, 2, 1, 50, 128)])
+def test_decode_attention_op_matches_float64(monkeypatch, isa, b, heads, kv_heads, length, d):
+    if isa == "scalar":  # the portable path (also what a head size that is not a multiple of 8 takes)
+        monkeypatch.setenv("AWQTENSOR_CPU_ISA", "scalar")
+    q, k, v = torch.randn(b, heads, 1, d), torch.randn(b, kv_heads, length, d), torch.randn(b, kv_heads, length, d)
+    filled = torch.rand(b, 1, 1, length + 3) > 0.4  # a static cache: longer than L, holes, per row
+    filled[..., 0] = True
+    per_head = torch.rand(1, heads, 2, length) > 0.5  # [1, H, Q, L]: the last query row counts
+    per_head[..., 0] = True
+    additive = torch.where(filled, torch.randn(filled.shape), torch.tensor(float("-inf")))
+    for mask in (filled, per_head, additive, None):
+        out = torch.ops.awqtensor.decode_attention(q, k, v, mask, 0.3)
+        assert out.shape == (b, 1, heads, d) and out.dtype == torch.float32
+        expected = attention_float64(q, k, v, mask, 0.3)
+        assert (out.double() - expected).abs().max() < 1e-5 * expected.abs().max(), mask is None
+    # skipped keys are never read: garbage there changes nothing
+    k2, v2 = k.clone(), v.clone()
+    holes = ~filled[0, 0, 0, :length]
+    k2[0][:, holes] = float("nan")
+    v2[0][:, holes] = float("nan")
+    assert torch.equal(torch.ops.awqtensor.decode_attention(q, k2, v2, filled, 0.3),
+                       torch.ops.awqtensor.decode_attention(q, k, v, filled, 0.3))
+
+
+@CPU_OP
+def test_decode_attention_op_dtypes_opcheck_and_bad_shapes():
+    q, k, v = torch.randn(2, 4, 1, 16), torch.randn(2, 2, 30, 16), torch.randn(2, 2, 30, 16)
+    mask = torch.rand(2, 1, 1, 30) > 0.3
+    mask[..., 0] = True
+    expected = attention_float64(q, k, v, mask, 0.25)
+    for dtype in (torch.bfloat16, torch.float16):  # through fp32, rounded once at the end
+        out = torch.ops.awqtensor.decode_attention(q.to(dtype), k.to(dtype), v.to(dtype), mask, 0.25)
+        assert out.dtype == dtype
+        assert (out.double() - expected).abs().max() < 0.05 * expected.abs().max()
+    torch.library.opcheck(torch.ops.awqtensor.decode_attention.default, (q, k, v, mask, 0.25))
+    with pytest.raises(RuntimeError, match="query"):
+        torch.ops.awqtensor.decode_attention(torch.randn(2, 4, 3, 16), k, v, mask, 0.25)
+    with pytest.raises(RuntimeError, match="do not fit"):
+        torch.ops.awqtensor.decode_attention(torch.randn(2, 3, 1, 16), k, v, mask, 0.25)
+    with pytest.raises(RuntimeError, match="mask"):
+        torch.ops.awqtensor.decode_attention(q, k, v, mask[..., :10], 0.25)

@@ -8,6 +8,9 @@
     int4_grouped_linear(x [M, K], rows [P], block_experts [P / BLOCK_M], qweight [E, K/8, N],
                 scales [E, N, G], zeros?, act_scale [E, K]?, group_size) -> [P, N] in x.dtype
                 (mixtures of experts, stacked "triton" layout; ``awqtensor/ops/triton_moe.py``)
+    decode_attention(query [B, H, 1, D], key [B, KVH, L, D], value [B, KVH, L, D], mask?,
+                scale) -> [B, 1, H, D] in query.dtype
+                (one new token per row over a KV cache; ``awqtensor/generation.py``)
 
 They are declared with ``torch.library.Library`` (schema, then a kernel per dispatch key)
 rather than the ``custom_op`` decorator: the decorator's Python wrapper costs about 6 us
@@ -71,3 +74,14 @@ _lib.impl("int4_grouped_linear", gpu.int4_grouped_linear, "CompositeExplicitAuto
 @torch.library.register_fake("awqtensor::int4_grouped_linear", lib=_lib)
 def _(x, rows, block_experts, qweight, scales, zeros, act_scale, group_size):
     return x.new_empty((rows.shape[0], scales.shape[1]))
+
+
+_lib.define("decode_attention(Tensor query, Tensor key, Tensor value, Tensor? mask, float scale) -> Tensor")
+# The C++ CPU kernel (cpu_op.cpp) registers for the CPU when it loads; elsewhere, torch ops.
+_lib.impl("decode_attention", reference.decode_attention, "CompositeExplicitAutograd")
+
+
+@torch.library.register_fake("awqtensor::decode_attention", lib=_lib)
+def _(query, key, value, mask, scale):
+    b, h, _, d = query.shape
+    return query.new_empty((b, 1, h, d))

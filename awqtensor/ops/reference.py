@@ -61,3 +61,19 @@ def int4_grouped_linear(x, rows, block_experts, qweight, scales, zeros, act_scal
             y[at] = int4_linear(x[rows[at].long()], qweight[expert], scales[expert], e(zeros), e(act_scale), None,
                                 group_size, packing.TRITON)
     return y
+
+
+def decode_attention(query, key, value, mask, scale):
+    """Attention of one new token per row: query [B, H, 1, D] over key/value [B, KVH, L, D]
+    (H a multiple of KVH, grouped-query), ``mask`` broadcastable to [B, H, 1, >= L] (its last
+    query row is used), bool (True = attend) or additive; -> [B, 1, H, D], query's dtype.
+    Scores and softmax in fp32."""
+    b, heads, _, d = query.shape
+    kv_heads, length = key.shape[1], key.shape[2]
+    grouped = query.reshape(b, kv_heads, heads // kv_heads, d)  # the query heads that share a kv head
+    scores = torch.matmul(grouped, key.transpose(-1, -2)).float() * scale
+    if mask is not None:  # per head: [b, kv_heads, group, keys]
+        mask = mask[..., -1:, :length].expand(b, heads, 1, length).reshape(b, kv_heads, heads // kv_heads, length)
+        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+    out = torch.matmul(scores.softmax(-1).to(value.dtype), value)  # [b, kv_heads, group, d]
+    return out.reshape(b, 1, heads, d)
