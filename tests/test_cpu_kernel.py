@@ -281,12 +281,12 @@ def test_dense_route_default_follows_the_cpu():
     if cpu_kernel.binding():
         assert cpu_kernel.dense_unsuitable(1, 4096, 4096) is not None  # decode stays on the int8 kernel
         assert cpu_kernel.dense_unsuitable(15, 4096, 4096) is not None
-        assert cpu_kernel.dense_unsuitable(128, 4096, 4096) is None
+        assert cpu_kernel.dense_unsuitable(256, 4096, 4096) is None
         assert cpu_kernel.dense_unsuitable(512, 192, 576) is None  # prefill
         if bf16:
             assert cpu_kernel.dense_unsuitable(16, 192, 576) is not None  # too small to pay torch's setup
         else:
-            assert cpu_kernel.dense_unsuitable(64, 4096, 4096) is not None  # sgemm beats the kernel later
+            assert cpu_kernel.dense_unsuitable(128, 4096, 4096) is not None  # sgemm beats the kernel later
 
 
 @pytest.mark.skipif(not ISAS or not cpu_kernel.binding(), reason="the dense route lives in the C++ op")

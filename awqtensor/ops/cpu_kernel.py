@@ -68,10 +68,10 @@ DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 DENSE_MIN_M = 16
 DENSE_MIN_MACS = 3_000_000
 # Without native bf16 the route dequantizes to fp32 and calls sgemm. On a 2-core AMD EPYC
-# with AVX2 only (benchmarks/cpu_route.py, against the kernel's AVX2 path): SmolLM2's
-# shapes tie at M = 64 and gain 1.07-1.20x at M = 128, 1.26-1.59x at M = 512; 4096x4096
-# loses 1.28x at M = 64, ties at 128 and gains 1.16x at 512. So from M = 128, any size.
-FP32_DENSE_MIN_M = 128
+# with AVX2 only (benchmarks/cpu_route.py, against the kernel's AVX2 path, two runs):
+# SmolLM2's shapes and 4096x4096 gain 1.05-1.57x from M = 256 in both; at M = 128 one run
+# had the route 0.89-1.25x the kernel's speed, the other 0.69-1.25x. So from M = 256.
+FP32_DENSE_MIN_M = 256
 FP32_DENSE_MIN_MACS = 0
 
 
