@@ -389,3 +389,19 @@ def test_arm64_under_qemu(arm64_driver, arm_isa, dtype):
         bias = bias_for(n, dtype, seed=k) if act_scale else None
         y = run_arm64(arm64_driver, arm_isa, x, t, bias)
         assert products_error(y, reference.q8_linear(x, t, bias), x, t, bias) < TERMS_TOLERANCE[dtype], (n, k, group_size)
+
+
+@pytest.mark.skipif(not ISAS, reason="the CPU kernel is not built here")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dequantize_op_is_the_kernels(dtype):
+    # awqtensor::dequantize on the CPU (C++ where the binding is built): the kernel's
+    # dequantization times act_scale, bit for bit; other layouts go to the reference
+    t = weight(40, 200, dtype, 64, act_scale=True, seed=23)
+    op = torch.ops.awqtensor.dequantize(t.qweight, t.scales, t.zeros, t.act_scale, t.group_size, 200, t.packing_format)
+    kernel = cpu_kernel.dequantize(t.qweight, t.scales.shape[1], t.group_size, (40, 200), dtype)
+    assert op.dtype == dtype and torch.equal(op, (kernel * t.act_scale).to(dtype))
+    exact = torch.from_numpy(reference.dequantize(t))
+    assert ((op.double() - exact).abs() <= 2.0 ** -7 * exact.abs() + 1e-6 * exact.abs().max()).all()
+    codes = t.plain_qweight()  # the canonical layout of the same weight: the reference's arithmetic
+    plain = torch.ops.awqtensor.dequantize(codes, t.scales, t.zeros, t.act_scale, t.group_size, 200, packing.PLAIN)
+    assert torch.allclose(plain, op, rtol=2.0 ** -7, atol=1e-6)

@@ -155,6 +155,29 @@ at::Tensor int4_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, const
     return y.view(shape);
 }
 
+// awqtensor::dequantize on the CPU: "cpu_blocks" in fp32/bf16 through the kernel's
+// dequantization (no Python per call); anything else back to _dequantize_py.
+at::Tensor dequantize_cpu(const at::Tensor& qweight, const at::Tensor& scales, const std::optional<at::Tensor>& zeros,
+                          const std::optional<at::Tensor>& act_scale, int64_t group_size, int64_t in_features,
+                          c10::string_view packing_format) {
+    const auto dtype = scales.scalar_type();
+    if (std::string_view(packing_format.data(), packing_format.size()) != "cpu_blocks" ||
+        (dtype != at::kFloat && dtype != at::kBFloat16) || disabled("cpu_blocks")) {
+        static auto python = c10::Dispatcher::singleton()
+                                 .findSchemaOrThrow("awqtensor::_dequantize_py", "")
+                                 .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
+                                                   const std::optional<at::Tensor>&, int64_t, int64_t, c10::string_view)>();
+        return python.call(qweight, scales, zeros, act_scale, group_size, in_features, packing_format);
+    }
+    const int64_t n = scales.size(0);
+    const at::Tensor w = qweight.contiguous();
+    at::Tensor out = at::empty({n, in_features}, scales.options());
+    const int rc = awq_cpu_dequantize((const uint8_t*)w.data_ptr(), n, in_features, scales.size(1), group_size,
+                                      dtype == at::kFloat ? F32 : BF16, out.data_ptr(), isa_from_env());
+    TORCH_CHECK(rc == 0, "awqtensor CPU kernel: dequantization refused (code ", rc, ")");
+    return act_scale ? out.mul(*act_scale).to(dtype) : out;
+}
+
 // ---- awqtensor::decode_attention: one new token per row over a KV cache ----
 // out[b, 0, h] = softmax_j(<q[b, h], k[b, h / group, j]> * scale (+ mask)) @ v[b, h / group]
 // over the keys the mask lets through (a bool mask's False and an additive mask's -inf are
@@ -305,4 +328,5 @@ extern "C" void awq_cpu_set_dense_route(int64_t min_m, int64_t min_macs, int64_t
 TORCH_LIBRARY_IMPL(awqtensor, CPU, m) {
     m.impl("int4_linear", &int4_linear_cpu);
     m.impl("decode_attention", &decode_attention_cpu);
+    m.impl("dequantize", &dequantize_cpu);
 }

@@ -54,12 +54,21 @@ _lib.define(
     "dequantize(Tensor qweight, Tensor scales, Tensor? zeros, Tensor? act_scale, int group_size, "
     "int in_features, str packing_format) -> Tensor"
 )
-_lib.impl("dequantize", reference.dequantize, "CompositeExplicitAutograd")
-_lib.impl("dequantize", cpu.dequantize, "CPU")  # "cpu_blocks": the C++ kernel; Triton's interpreted; else reference
+# By layout: "cpu_blocks" the CPU kernel, "triton" Triton's (interpreted on the CPU), else
+# the reference. The C++ CPU kernel (cpu_op.cpp) takes over the CPU when it loads (an
+# embedding lookup in an 8-bit head dequantizes a row per decoded token: ~100 us through
+# Python) and hands other layouts back as _dequantize_py.
+_lib.impl("dequantize", cpu.dequantize, "CompositeExplicitAutograd")
 _lib.impl("dequantize", gpu.dequantize, "CUDA")
+_lib.define(
+    "_dequantize_py(Tensor qweight, Tensor scales, Tensor? zeros, Tensor? act_scale, int group_size, "
+    "int in_features, str packing_format) -> Tensor"
+)
+_lib.impl("_dequantize_py", cpu.dequantize, "CompositeExplicitAutograd")
 
 
 @torch.library.register_fake("awqtensor::dequantize", lib=_lib)
+@torch.library.register_fake("awqtensor::_dequantize_py", lib=_lib)
 def _(qweight, scales, zeros, act_scale, group_size, in_features, packing_format):
     return scales.new_empty((scales.shape[0], in_features))
 
