@@ -274,10 +274,16 @@ def fast_bf16_matmul() -> bool:
     return any(getattr(cpu, name, lambda: False)() for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"))
 
 
+def _chunk(dtype: torch.dtype) -> int:
+    """DENSE_CHUNK's bytes (it counts bf16 elements) in elements of ``dtype``."""
+    return DENSE_CHUNK * 2 // dtype.itemsize
+
+
 def _default_route() -> dict:
     if fast_bf16_matmul():
-        return {"min_m": DENSE_MIN_M, "min_macs": DENSE_MIN_MACS, "chunk": DENSE_CHUNK, "dtype": torch.bfloat16}
-    return {"min_m": FP32_DENSE_MIN_M, "min_macs": FP32_DENSE_MIN_MACS, "chunk": DENSE_CHUNK // 2, "dtype": torch.float32}
+        return {"min_m": DENSE_MIN_M, "min_macs": DENSE_MIN_MACS, "chunk": _chunk(torch.bfloat16), "dtype": torch.bfloat16}
+    return {"min_m": FP32_DENSE_MIN_M, "min_macs": FP32_DENSE_MIN_MACS, "chunk": _chunk(torch.float32),
+            "dtype": torch.float32}
 
 
 _dense = _default_route()
@@ -293,16 +299,16 @@ def dense_route(min_m: int | None, min_macs: int = DENSE_MIN_MACS, chunk: int | 
     """From which call size the C++ op's dense route serves "cpu_blocks" weights: ``min_m``
     rows and ``min_macs`` multiply-adds (``min_m=None``: never), dequantizing ``chunk``
     weight elements at a time (default: a quarter of the last-level cache) to ``dtype``
-    (bf16 or fp32; default: what it was). The
-    default is bf16 where the CPU has native bf16 matmuls (``fast_bf16_matmul``), else
-    fp32 from larger M. Returns the previous settings (``dense_route(**old)`` restores)."""
+    (bf16 or fp32; default: what it was). The default is bf16 where the CPU has native
+    bf16 matmuls (``fast_bf16_matmul``), else fp32 from larger M. Returns the previous
+    settings (``dense_route(**old)`` restores)."""
     if chunk is not None and chunk < 1:
         raise ValueError(f"chunk must be at least 1 element, got {chunk}")
     if dtype not in (None, torch.bfloat16, torch.float32):
         raise ValueError(f"the dense route dequantizes to torch.bfloat16 or torch.float32, not {dtype}")
     old = dict(_dense)
     dtype = dtype or old["dtype"]
-    chunk = chunk or DENSE_CHUNK * 2 // dtype.itemsize
+    chunk = chunk or _chunk(dtype)
     _dense.update(min_m=min_m, min_macs=min_macs, chunk=chunk, dtype=dtype)
     lib = _load()[0]
     if lib is not None and hasattr(lib, "awq_cpu_set_dense_route"):
