@@ -268,9 +268,10 @@ at::Tensor decode_attention_cpu(const at::Tensor& query, const at::Tensor& key, 
     const float* vp = v.data_ptr<float>();
     float* op = out.data_ptr<float>();
     const int group = (int)(H / KVH);
-    bool vector = false;
+    auto scores_fn = scores_scalar;
+    auto mix_fn = mix_scalar;
 #if AWQ_X86
-    vector = D % 8 == 0 && avx2_family(isa_from_env());
+    if (D % 8 == 0 && avx2_family(isa_from_env())) scores_fn = scores_avx2, mix_fn = mix_avx2;
 #endif
     auto rows = [&](int64_t begin, int64_t end) {
         std::vector<float> scores(L), adds(add_mask ? L : 0);
@@ -292,21 +293,11 @@ at::Tensor decode_attention_cpu(const at::Tensor& query, const at::Tensor& key, 
             const float* vr = vp + (b * KVH + h / group) * L * D;
             const float* add = add_mask ? adds.data() : nullptr;
             float* o = op + r * D;  // out[b, 0, h]
-#if AWQ_X86
-            if (vector) scores_avx2(qr, kr, D, keys.data(), add, n, (float)scale, scores.data());
-            else scores_scalar(qr, kr, D, keys.data(), add, n, (float)scale, scores.data());
-#else
-            scores_scalar(qr, kr, D, keys.data(), add, n, (float)scale, scores.data());
-#endif
+            scores_fn(qr, kr, D, keys.data(), add, n, (float)scale, scores.data());
             const float top = n ? *std::max_element(scores.begin(), scores.begin() + n) : 0.0f;
             float total = 0.0f;
             for (int64_t i = 0; i < n; ++i) total += scores[i] = std::exp(scores[i] - top);
-#if AWQ_X86
-            if (vector) mix_avx2(scores.data(), vr, D, keys.data(), n, o);
-            else mix_scalar(scores.data(), vr, D, keys.data(), n, o);
-#else
-            mix_scalar(scores.data(), vr, D, keys.data(), n, o);
-#endif
+            mix_fn(scores.data(), vr, D, keys.data(), n, o);
             const float inv = 1.0f / total;  // no key at all: 0 * inf = NaN, as softmax gives
             for (int64_t c = 0; c < D; ++c) o[c] *= inv;
         }
