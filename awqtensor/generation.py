@@ -30,13 +30,17 @@ from __future__ import annotations
 import functools
 import inspect
 import itertools
+import logging
 import types
 import weakref
 
 import torch
 from torch import nn
 
+from . import native
 from .ops import cpu_kernel, reference
+
+log = logging.getLogger("awqtensor")
 
 CACHE_STEP = 256  # cache lengths are rounded up to a multiple of this (one graph per length)
 # What generate and fast_generate_ compile, per model; nothing kept here refers to its model.
@@ -169,6 +173,19 @@ def _step_for(model: nn.Module, batch: int, length: int, device: torch.device, k
     return kept[key], cache
 
 
+def _native_plan(model: nn.Module, cache, batch: int, length: int, device: torch.device):
+    """The C++ decode step over ``cache`` (filled by the prompt), built once per cache, or
+    None where ``native.unsupported`` gives a reason (logged once)."""
+    kept = _steps.setdefault(model, {})
+    key = ("native", batch, length, device)
+    if key not in kept:
+        why = native.unsupported(model, length) if device.type == "cpu" else f"the model is on {device}"
+        if why is not None:
+            log.debug("generate: no C++ decode step (%s); compiling one", why)
+        kept[key] = None if why is not None else native.plan(model, cache, length)
+    return kept[key]
+
+
 def reset(model: nn.Module) -> None:
     """Forget the compiled decode steps (and their caches) kept for ``model``."""
     _steps.pop(model, None)
@@ -188,7 +205,7 @@ def _pick(logits: torch.Tensor, temperature: float, top_k: int | None, generator
 @torch.no_grad()
 def generate(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int, *, temperature: float = 0.0,
              top_k: int | None = None, eos_token_id: int | None = None, compile: bool | str = True,
-             generator: torch.Generator | None = None) -> torch.Tensor:
+             native: bool = True, generator: torch.Generator | None = None) -> torch.Tensor:
     """``input_ids`` [B, T] followed by up to ``max_new_tokens`` new tokens, [B, T + n].
 
     Greedy by default; ``temperature > 0`` samples (optionally from the ``top_k`` most
@@ -196,10 +213,14 @@ def generate(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int, *, 
     finished earlier are padded with it). Prompts are unpadded: rows share one length.
     For a causal LM of transformers with a static-cache-capable architecture.
 
-    ``compile``: True compiles the decode step (about 20 s on 2 cores, more the first
-    time a model is seen: Inductor caches its kernels on disk); ``"max"`` also compiles
-    Inductor's wrapper to C++ (SmolLM2 on 2 cores: 11.2 against 13.0 ms a step, but 3 min
-    to compile the first time, ~30 s after); False runs eagerly."""
+    ``native`` (default): decode with awqtensor's C++ step where the model allows it
+    (``awqtensor.native``: Llama/Mistral/Qwen2/Qwen3 in fp32 on the CPU with int4 weights
+    in the CPU kernel's layout; ``native.unsupported(model, length)`` says why not); it
+    needs no compilation. Otherwise ``compile``: True compiles the decode step (about 20 s
+    on 2 cores, more the first time a model is seen: Inductor caches its kernels on
+    disk); ``"max"`` also compiles Inductor's wrapper to C++ (SmolLM2 on 2 cores: 11.2
+    against 13.0 ms a step, but 3 min to compile the first time, ~30 s after); False runs
+    eagerly."""
     if input_ids.dim() != 2 or input_ids.dtype not in (torch.int64, torch.int32):
         raise ValueError(f"input_ids must be an integer [batch, tokens] tensor, got {input_ids.dtype} of "
                          f"shape {tuple(input_ids.shape)}")
@@ -228,6 +249,10 @@ def generate(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int, *, 
     positions = torch.arange(prompt, device=device)
     logits = model(input_ids=ids, cache_position=positions, logits_to_keep=1, use_cache=True,
                    **{keyword: cache}).logits[:, -1]
+    plan = _native_plan(model, cache, batch, length, device) if native else None
+    if plan is not None:  # the C++ step (greedy: with the argmax)
+        def step(model, token, position, cache):
+            return plan.step(token, int(position), greedy)
     out = [ids]
     done = torch.zeros(batch, 1, dtype=torch.bool, device=device)
     token = _pick(logits, temperature, top_k, generator)

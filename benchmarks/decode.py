@@ -16,8 +16,9 @@ Greedy decoding; tokens/s is measured between the first new token and the last,
 * ``awq compiled fused int8 only`` (CPU): the int8 kernel at every M, no dense route;
 * ``awq fast_generate_``: int4 fused, 8-bit head (``quantize_head_``), ``model.generate``
   after ``awqtensor.fast_generate_`` (transformers compiles its decode step);
-* ``awq generate``: the same weights through ``awqtensor.generate`` (one compiled step per
-  token); ``awq generate max``: with ``compile="max"`` (Inductor's C++ wrapper);
+* ``awq generate``: the same weights through ``awqtensor.generate`` (its C++ decode step,
+  ``awqtensor.native``); ``awq generate compiled``: its torch.compile'd step instead
+  (``native=False``); ``awq generate max``: that with ``compile="max"`` (Inductor's C++ wrapper);
 * ``llama.cpp Q4_0`` (CPU, batch 1): the bundled GGUF requantized by llama.cpp
   (``benchmarks/llama_cpp_peer.py``; ``pip install -e ".[bench]"``; skipped with a
   message where llama-cpp-python is missing).
@@ -47,8 +48,8 @@ SHAPES = {  # Llama-3.2-1B and Llama-3-8B
     "llama-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                      num_key_value_heads=8, vocab_size=128256),
 }
-CPU_VARIANTS = ["dense compiled", "awq compiled fused", "awq fast_generate_", "awq generate", "awq generate max",
-                "llama.cpp Q4_0"]
+CPU_VARIANTS = ["dense compiled", "awq compiled fused", "awq fast_generate_", "awq generate", "awq generate compiled",
+                "awq generate max", "llama.cpp Q4_0"]
 CUDA_VARIANTS = ["dense eager", "dense compiled", "awq eager", "awq compiled", "awq compiled fused"]
 
 
@@ -82,10 +83,10 @@ def transformers_timer(model, ids, own_compile: bool):
     return timed
 
 
-def lean_timer(model, ids, compile):
+def lean_timer(model, ids, compile, native):
     def timed(n):
         t = time.perf_counter()
-        generate(model, ids, n, compile=compile)
+        generate(model, ids, n, compile=compile, native=native)
         return time.perf_counter() - t
     return timed
 
@@ -109,7 +110,8 @@ def build(variant: str, base, group_size: int, mode):
         if "generate" in variant:
             quantize_head_(model)
     if variant.startswith("awq generate"):
-        return model, lambda ids: lean_timer(model, ids, "max" if variant.endswith("max") else True)
+        compile, native = ("max", False) if variant.endswith("max") else (True, variant == "awq generate")
+        return model, lambda ids: lean_timer(model, ids, compile, native)
     if variant == "awq fast_generate_":
         fast_generate_(model)
         return model, lambda ids: transformers_timer(model, ids, own_compile=True)

@@ -20,15 +20,15 @@ def reference(model, ids, n, **kwargs):
     return model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, disable_compile=True, **kwargs)
 
 
-@pytest.mark.parametrize("compile", [False, True, "max"])
-def test_greedy_matches_transformers(compile):
+@pytest.mark.parametrize("compile, native", [(False, False), (True, False), ("max", False), (True, True)])
+def test_greedy_matches_transformers(compile, native):
     model = quantized_llama()
     ids = torch.randint(3, 320, (1, 7))
     expected = reference(model, ids, 12)
-    out = generate(model, ids, 12, compile=compile)
+    out = generate(model, ids, 12, compile=compile, native=native)
     assert torch.equal(out, expected)
-    if compile:  # a second call reuses the compiled step and its cache (reset in between)
-        assert torch.equal(generate(model, ids, 12, compile=compile), expected)
+    if compile:  # a second call reuses the step and its cache (reset in between)
+        assert torch.equal(generate(model, ids, 12, compile=compile, native=native), expected)
         generation.reset(model)
         torch._dynamo.reset()
 
@@ -91,8 +91,8 @@ def test_two_models_of_one_architecture_get_their_own_graphs():
     ids = torch.randint(3, 320, (1, 5))
     float_model, quantized = tiny_llama(tie_word_embeddings=True), quantized_llama()
     expected = [reference(float_model, ids, 6), reference(quantized, ids, 6)]
-    assert torch.equal(generate(float_model, ids, 6), expected[0])
-    assert torch.equal(generate(quantized, ids, 6), expected[1])
+    assert torch.equal(generate(float_model, ids, 6, native=False), expected[0])
+    assert torch.equal(generate(quantized, ids, 6, native=False), expected[1])
     fast_generate_(float_model), fast_generate_(quantized)
     for model, want in zip((float_model, quantized), expected):
         assert torch.equal(model.generate(ids, max_new_tokens=6, min_new_tokens=6, do_sample=False), want)

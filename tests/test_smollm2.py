@@ -72,6 +72,40 @@ def test_compile_fullgraph_smollm2():
     assert any("awqtensor.int4_linear" in g.code for g in backend.fw_graphs)
 
 
+@pytest.mark.parametrize("group_size", [64, 128])  # 128: K = 576 padded to 640
+def test_native_step_on_the_real_model(group_size):
+    """awqtensor.generate's C++ step against the model's forward, with exact matmuls (int8
+    activations would let last-bit differences flip roundings: a few % of the logits)."""
+    from transformers import StaticCache
+
+    from awqtensor import fuse_, native, quantize_head_
+    from awqtensor.ops import cpu_kernel
+
+    if cpu_kernel.unavailable() is not None or not cpu_kernel.binding():
+        pytest.skip("needs awqtensor's C++ CPU op")
+    model, tokenizer = smollm2.load()
+    quantize_(model, rtn_config(group_size=group_size))
+    fuse_(model)
+    quantize_head_(model)
+    ids = tokenizer("The capital of France is", return_tensors="pt").input_ids
+    caches = [StaticCache(config=model.config, max_cache_len=64) for _ in range(2)]
+    old = cpu_kernel.dense_route(1, 0, dtype=torch.float32)
+    try:
+        with torch.no_grad():
+            for cache in caches:
+                model(input_ids=ids, cache_position=torch.arange(ids.shape[1]), cache=cache, use_cache=True)
+            plan = native.plan(model, caches[0], 64)
+            token = ids[:, -1:]
+            for position in range(ids.shape[1], ids.shape[1] + 6):
+                got = plan.step(token, position, False)
+                want = model(input_ids=token, cache_position=torch.tensor([position]), cache=caches[1],
+                             use_cache=True).logits[:, -1]
+                assert max_rel_err(got, want) < 1e-4
+                token = want.argmax(-1, keepdim=True)
+    finally:
+        cpu_kernel.dense_route(**old)
+
+
 def test_checkpoints_round_trip_on_the_real_model(tmp_path, monkeypatch):
     """SmolLM2 through both formats: g64 via AutoAWQ's (K=576 divides), g128 (padded K) via
     ours, which AutoAWQ's format refuses with a message naming the fix. Exact matmuls, so

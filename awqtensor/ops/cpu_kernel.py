@@ -53,6 +53,7 @@ import torch
 log = logging.getLogger("awqtensor")
 SOURCE = Path(__file__).with_name("cpu_kernel.cpp")
 BINDING = Path(__file__).with_name("cpu_op.cpp")  # the kernel as awqtensor::int4_linear's C++ CPU kernel
+STEP = Path(__file__).with_name("cpu_step.cpp")  # included by cpu_op.cpp: awqtensor's DecodePlan
 ISAS = {"scalar": 0, "avx2": 1, "avx2_vnni": 2, "neon": 3, "neon_dotprod": 4, "avx512_vnni": 5}
 PREFERENCE = ("avx512_vnni", "avx2_vnni", "avx2", "neon_dotprod", "neon", "scalar")  # fastest first
 DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
@@ -127,7 +128,9 @@ def _build(compiler: str, binding: bool = False) -> Path:
     C++ CPU kernel (``cpu_op.cpp``, a few seconds: torch's headers); else plain C entry
     points for ctypes (about a second)."""
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
-    sources = SOURCE.read_bytes() + (BINDING.read_bytes() + torch.__version__.encode() if binding else b"")
+    sources = SOURCE.read_bytes()
+    if binding:
+        sources += BINDING.read_bytes() + STEP.read_bytes() + torch.__version__.encode()
     key = hashlib.sha256(sources + version.encode() + " ".join(FLAGS).encode()
                          + platform.machine().encode()).hexdigest()[:16]
     target = _cache_dir() / key / ("libawqtensor_cpu_op.so" if binding else "libawqtensor_cpu.so")

@@ -8,13 +8,18 @@
 
 #include <ATen/core/Tensor.h>
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/ops/cat.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/index_select.h>
 #include <ATen/ops/linear.h>
 #include <ATen/Parallel.h>
+#include <torch/custom_class.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdlib>
+#include <cstring>
 #include <limits>
 #include <optional>
 #include <string_view>
@@ -236,8 +241,9 @@ AWQ_AVX2 void mix_avx2(const float* p, const float* v, int64_t D, const int64_t*
 }
 #endif
 
-at::Tensor decode_attention_cpu(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
-                                const std::optional<at::Tensor>& mask, double scale) {
+// Keys from `limit` on are skipped as well (the decode step's unfilled cache slots).
+at::Tensor attention(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
+                     const std::optional<at::Tensor>& mask, double scale, int64_t limit) {
     TORCH_CHECK(query.dim() == 4 && query.size(2) == 1 && key.dim() == 4 && value.sizes() == key.sizes(),
                 "awqtensor::decode_attention: query [B, H, 1, D] and key, value [B, KVH, L, D], got ",
                 query.sizes(), ", ", key.sizes(), ", ", value.sizes());
@@ -245,7 +251,7 @@ at::Tensor decode_attention_cpu(const at::Tensor& query, const at::Tensor& key, 
     TORCH_CHECK(key.size(0) == B && key.size(3) == D && KVH > 0 && H % KVH == 0,
                 "awqtensor::decode_attention: key/value ", key.sizes(), " do not fit query ", query.sizes());
     if (query.scalar_type() != at::kFloat || key.scalar_type() != at::kFloat || value.scalar_type() != at::kFloat)
-        return decode_attention_cpu(query.to(at::kFloat), key.to(at::kFloat), value.to(at::kFloat), mask, scale)
+        return attention(query.to(at::kFloat), key.to(at::kFloat), value.to(at::kFloat), mask, scale, limit)
             .to(query.scalar_type());
     const at::Tensor q = query.contiguous(), k = key.contiguous(), v = value.contiguous();
     // the mask's last query row, [B or 1, H or 1, ..., >= L], bool (True = attend) or additive
@@ -279,7 +285,7 @@ at::Tensor decode_attention_cpu(const at::Tensor& query, const at::Tensor& key, 
         for (int64_t r = begin; r < end; ++r) {  // r = b * H + h
             const int64_t b = r / H, h = r % H;
             int64_t n = 0;  // the keys this row attends to
-            for (int64_t j = 0; j < L; ++j) {
+            for (int64_t j = 0; j < std::min(L, limit); ++j) {
                 const int64_t at = b * mb + h * mh + j * mj;
                 if (bool_mask && !bool_mask[at]) continue;
                 if (add_mask) {
@@ -306,6 +312,13 @@ at::Tensor decode_attention_cpu(const at::Tensor& query, const at::Tensor& key, 
     at::parallel_for(0, B * H, std::max<int64_t>(1, (1 << 18) / std::max<int64_t>(L * D, 1)), rows);
     return out;
 }
+
+at::Tensor decode_attention_cpu(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
+                                const std::optional<at::Tensor>& mask, double scale) {
+    return attention(query, key, value, mask, scale, key.size(2));
+}
+
+#include "cpu_step.cpp"
 
 }  // namespace
 
