@@ -1,16 +1,17 @@
-"""Fast decoding: a lean greedy/sampling loop around one compiled decode step.
+"""Fast decoding: a lean greedy/sampling loop around one decode step per token.
 
 ``model.generate`` of transformers spends, per token, about as long in Python (logits
 processors, stopping criteria, input preparation, output dataclasses) and in
 ``torch.compile``'s guard checks (one per parameter and cache tensor) as a small
-quantized model spends in its matmuls. Here a token costs one call of a compiled step
-(token in, next token out, the KV cache updated in place) whose guards skip the
-module's parameters, plus a few tensor ops::
+quantized model spends in its matmuls. Here a token costs one call of a step (token in,
+next token out, the KV cache updated in place), plus a few tensor ops::
 
     ids = awqtensor.generate(model, input_ids, max_new_tokens=64)
 
-The prompt is prefilled eagerly (any length, no recompilation); the step is compiled
-once per model, batch size and cache length. The cache length is the prompt plus the new
+The step is awqtensor's C++ one (``awqtensor.native``: Llama-family models on the CPU,
+nothing to compile) where the model allows it, else a compiled step whose guards skip
+the module's parameters. The prompt is prefilled eagerly (any length, no
+recompilation); a compiled step is compiled once per model, batch size and cache length. The cache length is the prompt plus the new
 tokens rounded up to ``CACHE_STEP``, so calls of similar lengths reuse one graph. Single
 tokens attend through ``_decode_attention`` (registered with transformers as
 ``awqtensor_decode``; prompts still take sdpa), which the compiled step fuses.
@@ -269,9 +270,10 @@ def generate(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int, *, 
 
 
 def fast_generate_(model: nn.Module) -> nn.Module:
-    """Make ``model.generate`` use a static KV cache and a compiled forward for its decode
-    steps, on the CPU too, with the guards ``generate`` skips; returns the model.
-    Prefill stays eager (transformers' choice)."""
+    """Make ``model.generate`` use a static KV cache and, for its decode steps, the C++ step
+    where ``native`` allows it and the step has no padding, else a compiled forward (on
+    the CPU too, with the guards ``generate`` skips); returns the model. Prefill stays
+    eager (transformers' choice)."""
     from transformers.generation.configuration_utils import CompileConfig
 
     config = CompileConfig(fullgraph=True)
@@ -284,10 +286,51 @@ def fast_generate_(model: nn.Module) -> nn.Module:
 
 
 def _compiled_call(model: nn.Module, compile_config=None):
-    """transformers' hook for its compiled forward (``fast_generate_``): ours, one per model."""
+    """transformers' hook for its compiled forward (``fast_generate_``): the C++ step for
+    the decode calls it can serve, else our compiled forward, one per model."""
     if model not in _forwards:
         def forward(module: nn.Module, *args, **kwargs):
             return module(*args, **kwargs)
 
         _forwards[model] = _compiled(forward, model)
-    return functools.partial(_forwards[model], model)
+    compiled = functools.partial(_forwards[model], model)
+
+    def call(*args, **kwargs):
+        out = None if args else _native_forward(model, **kwargs)
+        return compiled(*args, **kwargs) if out is None else out
+    return call
+
+
+_PLAIN = {"input_ids", "cache", "past_key_values", "cache_position", "position_ids", "attention_mask", "use_cache",
+          "return_dict", "logits_to_keep"}  # what a decode call of transformers' loop passes
+
+
+def _native_forward(model: nn.Module, input_ids=None, cache_position=None, position_ids=None, attention_mask=None,
+                    **kwargs):
+    """A decode call of transformers' generate loop through the C++ step, as the model's
+    output; None when it cannot serve it (not one token a row from one position, padding,
+    other inputs, a cache other than transformers' StaticCache, or ``native.unsupported``)."""
+    from transformers import StaticCache
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    cache = kwargs.get("cache", kwargs.get("past_key_values"))
+    if (set(kwargs) - _PLAIN or type(cache) is not StaticCache or input_ids is None or input_ids.dim() != 2
+            or input_ids.shape[1] != 1 or input_ids.device.type != "cpu" or torch.is_grad_enabled()
+            or not all(getattr(layer, "is_initialized", False) for layer in cache.layers[:1])):
+        return None
+    # transformers 5 leaves the position to the cache (the tokens it holds)
+    position = int(cache.layers[0].cumulative_length) if cache_position is None else int(cache_position.reshape(-1)[0])
+    if position_ids is not None and not bool((position_ids == position).all()):
+        return None  # left padding: rows at different positions
+    if attention_mask is not None:  # [B, T] or the prepared [B, 1, 1, L]: every slot up to the new token let through
+        seen = attention_mask[:, :position + 1] if attention_mask.dim() == 2 else attention_mask[..., -1, :position + 1]
+        if not bool(seen.all() if seen.dtype == torch.bool else (seen == (0 if seen.is_floating_point() else 1)).all()):
+            return None
+    plans = _steps.setdefault(model, {}).setdefault("transformers", weakref.WeakKeyDictionary())
+    if cache not in plans:
+        length = cache.layers[0].max_cache_len
+        plans[cache] = native.plan(model, cache, length) if native.unsupported(model, length) is None else None
+    plan = plans[cache]
+    if plan is None or input_ids.shape[0] != cache.layers[0].keys.shape[0]:
+        return None
+    return CausalLMOutputWithPast(logits=plan.step(input_ids, position, False).unsqueeze(1), cache=cache)

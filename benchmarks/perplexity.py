@@ -13,6 +13,10 @@ route, bf16 on CPUs with native bf16 matmuls, else fp32 (``awqtensor/ops/cpu_ker
 ``--int8-head`` also evaluates the same quantized weights with the output head (tied to
 the embedding) held in 8 bits (``awqtensor.quantize_head_``), column ``ppl_int8_head``.
 
+``--native-step`` (with ``--cpu-kernel``) also evaluates them as ``awqtensor.generate`` decodes
+on the CPU: ``fuse_``, then each window fed one token at a time through the C++ decode step
+(``awqtensor.native``; the int8 kernel at M = 1), column ``ppl_native_step``.
+
 ``--methods autoawq --autoawq-dir DIR`` loads AutoAWQ's own checkpoint with
 ``awqtensor.load_autoawq`` and evaluates it the same way; ``benchmarks/autoawq_reference.py``
 (its own environment) makes DIR.
@@ -34,7 +38,7 @@ from pathlib import Path
 
 import torch
 
-from awqtensor import awq_config, evaluation, load_autoawq, quantize_, quantize_head_, rtn_config, smollm2
+from awqtensor import awq_config, evaluation, fuse_, load_autoawq, quantize_, quantize_head_, rtn_config, smollm2
 from awqtensor.calibration import calibrate
 from awqtensor.api import select_linears
 from common import cpu_device, provenance
@@ -83,7 +87,37 @@ def run_one(args) -> dict:
     if args.int8_head:
         quantize_head_(model)
         row["ppl_int8_head"] = evaluation.perplexity(model, blocks, f"{args.method} + int8 head")
+    if args.native_step:
+        t = time.perf_counter()
+        row["ppl_native_step"] = native_step_perplexity(fuse_(model), blocks)
+        row["native_step_eval_s"] = time.perf_counter() - t
     return row
+
+
+@torch.no_grad()
+def native_step_perplexity(model, blocks: torch.Tensor) -> float:
+    """The protocol's perplexity with every window decoded token by token (teacher forced)
+    through the C++ decode step, as awqtensor.generate runs it; the first token's logits
+    from the model's forward."""
+    import math
+
+    import torch.nn.functional as F
+    from transformers import StaticCache
+
+    from awqtensor import native
+
+    length = blocks.shape[1]
+    cache = StaticCache(config=model.config, max_cache_len=length)
+    plan, losses = None, []
+    for block in blocks:
+        ids = block.unsqueeze(0)
+        cache.reset()
+        logits = [model(input_ids=ids[:, :1], cache_position=torch.arange(1), cache=cache, use_cache=True).logits[:, -1]]
+        if plan is None:  # the cache keeps its tensors across reset()
+            plan = native.plan(model, cache, length)
+        logits += [plan.step(ids[:, p:p + 1], p, False) for p in range(1, length - 1)]
+        losses.append(F.cross_entropy(torch.cat(logits).float(), ids[0, 1:]).item())
+    return math.exp(sum(losses) / len(losses))
 
 
 def main():
@@ -104,9 +138,13 @@ def main():
                         help="with --cpu-kernel: no dense route for large M, the int8 kernel everywhere")
     parser.add_argument("--int8-head", action="store_true",
                         help="also evaluate with the output head in 8 bits (column ppl_int8_head)")
+    parser.add_argument("--native-step", action="store_true",
+                        help="with --cpu-kernel: also decode each window through the C++ step (ppl_native_step)")
     parser.add_argument("--csv", default=None, help="default: benchmarks/results/perplexity_g{group_size}"
                                                     "[_cpu_kernel[_int8]].csv")
     args = parser.parse_args()
+    if args.native_step and not args.cpu_kernel:
+        parser.error("--native-step needs --cpu-kernel (the C++ step runs the CPU kernel's layout)")
     if args.method:
         print("RESULT " + json.dumps(run_one(args)))
         return
@@ -125,6 +163,7 @@ def main():
         rows.append(json.loads(out.split("RESULT ", 1)[1]))
         r = rows[-1]
         head = f" (int8 head {r['ppl_int8_head']:.2f})" if "ppl_int8_head" in r else ""
+        head += f" (C++ decode step {r['ppl_native_step']:.2f})" if "ppl_native_step" in r else ""
         print(f"{r['method']:<24} ppl {r['ppl']:.2f}{head}  quantize {r['quantize_s']:.1f} s  "
               f"peak RSS {r['quantize_peak_rss_mb']:.0f} MB  eval {r['eval_s']:.1f} s", flush=True)
 
@@ -140,10 +179,12 @@ def main():
     print(f"\nSmolLM2-135M-Instruct fp32, int4 asymmetric g{args.group_size}, {matmul}; calibration "
           f"{args.calib_blocks} x {args.seq_len} tokens of {args.calib_text}; evaluation {args.windows} x "
           f"{args.seq_len} tokens of {args.eval_text}; {device}, torch {torch.__version__}")
-    print(f"{'method':<24} {'ppl':>7} {'int8 head':>10} {'quantize s':>11} {'peak RSS MB':>12} {'eval s':>8}")
+    print(f"{'method':<24} {'ppl':>7} {'int8 head':>10} {'C++ step':>9} {'quantize s':>11} {'peak RSS MB':>12} "
+          f"{'eval s':>8}")
     for r in rows:
         head = f"{r['ppl_int8_head']:.2f}" if "ppl_int8_head" in r else "-"
-        print(f"{r['method']:<24} {r['ppl']:>7.2f} {head:>10} {r['quantize_s']:>11.1f} "
+        step = f"{r['ppl_native_step']:.2f}" if "ppl_native_step" in r else "-"
+        print(f"{r['method']:<24} {r['ppl']:>7.2f} {head:>10} {step:>9} {r['quantize_s']:>11.1f} "
               f"{r['quantize_peak_rss_mb']:>12.0f} {r['eval_s']:>8.1f}")
     # Rows of methods not run this time are kept, so methods can be (re)measured one by one.
     suffix = ("_cpu_kernel" + ("_int8" if args.int8_only else "")) if args.cpu_kernel else ""

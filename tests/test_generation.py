@@ -62,15 +62,24 @@ def test_sampling_is_seeded_and_top_k_bounded():
     assert not torch.equal(a, greedy)  # 10 samples from 5 candidates each: a different sequence
 
 
-def test_fast_generate_keeps_transformers_results():
+def test_fast_generate_keeps_transformers_results(monkeypatch):
     model = quantized_llama()
-    ids = torch.randint(3, 320, (1, 6))
+    ids = torch.randint(3, 320, (2, 6))
     expected = reference(model, ids, 8)
     fast_generate_(model)
     assert model.generation_config.cache_implementation == "static"
+    plans = []  # its decode steps run through the C++ step: one plan for transformers' cache
+    monkeypatch.setattr(generation.native, "plan", lambda *a, plan=generation.native.plan: plans.append(plan(*a))
+                        or plans[-1])
     out = model.generate(ids, max_new_tokens=8, min_new_tokens=8, do_sample=False)
+    assert torch.equal(out, expected) and len(plans) == 1
+    # left padding: rows at different positions go to the compiled forward, same tokens
+    mask = torch.ones_like(ids)
+    mask[1, :2] = 0
+    want = reference(model, ids, 6, attention_mask=mask)
+    assert torch.equal(model.generate(ids, attention_mask=mask, max_new_tokens=6, min_new_tokens=6, do_sample=False),
+                       want)
     torch._dynamo.reset()
-    assert torch.equal(out, expected)
 
 
 def test_bad_input_says_what_to_change():
