@@ -42,7 +42,10 @@ def complete(model, tokenizer, prompt: str, new_tokens: int) -> tuple[str, float
     start = time.perf_counter()
     out = generate(model, ids, new_tokens)
     elapsed = time.perf_counter() - start
-    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip(), new_tokens / elapsed
+    answer = out[0, ids.shape[1]:].tolist()
+    if tokenizer.eos_token_id in answer:  # timed over new_tokens; shown up to the end of the turn
+        answer = answer[:answer.index(tokenizer.eos_token_id)]
+    return tokenizer.decode(answer, skip_special_tokens=True).strip(), new_tokens / elapsed
 
 
 def main(argv=None):
