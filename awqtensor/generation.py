@@ -180,10 +180,7 @@ def _native_plan(model: nn.Module, cache, batch: int, length: int, device: torch
     kept = _steps.setdefault(model, {})
     key = ("native", batch, length, device)
     if key not in kept:
-        why = native.unsupported(model, length) if device.type == "cpu" else f"the model is on {device}"
-        if why is not None:
-            log.debug("generate: no C++ decode step (%s); compiling one", why)
-        kept[key] = None if why is not None else native.plan(model, cache, length)
+        kept[key] = _try_plan(model, cache, length) if device.type == "cpu" else None
     return kept[key]
 
 
@@ -309,28 +306,53 @@ def _native_forward(model: nn.Module, input_ids=None, cache_position=None, posit
                     **kwargs):
     """A decode call of transformers' generate loop through the C++ step, as the model's
     output; None when it cannot serve it (not one token a row from one position, padding,
-    other inputs, a cache other than transformers' StaticCache, or ``native.unsupported``)."""
+    other inputs, a cache other than transformers' StaticCache, a full or rolling sliding
+    window, or ``native.unsupported``)."""
     from transformers import StaticCache
     from transformers.modeling_outputs import CausalLMOutputWithPast
 
     cache = kwargs.get("cache", kwargs.get("past_key_values"))
     if (set(kwargs) - _PLAIN or type(cache) is not StaticCache or input_ids is None or input_ids.dim() != 2
             or input_ids.shape[1] != 1 or input_ids.device.type != "cpu" or torch.is_grad_enabled()
-            or not all(getattr(layer, "is_initialized", False) for layer in cache.layers[:1])):
+            or not all(getattr(layer, "is_initialized", False) for layer in cache.layers)):
         return None
-    # transformers 5 leaves the position to the cache (the tokens it holds)
-    position = int(cache.layers[0].cumulative_length) if cache_position is None else int(cache_position.reshape(-1)[0])
+    first = cache.layers[0]
+    position = int(first.cumulative_length)  # where the layers write the new token
+    if (cache_position is not None and int(cache_position.reshape(-1)[0]) != position) \
+            or position >= first.keys.shape[2] or input_ids.shape[0] != first.keys.shape[0]:
+        return None  # another position than the cache's, or a full (sliding: rolling) cache
     if position_ids is not None and not bool((position_ids == position).all()):
         return None  # left padding: rows at different positions
-    if attention_mask is not None:  # [B, T] or the prepared [B, 1, 1, L]: every slot up to the new token let through
-        seen = attention_mask[:, :position + 1] if attention_mask.dim() == 2 else attention_mask[..., -1, :position + 1]
+    masks = attention_mask.values() if isinstance(attention_mask, dict) else [attention_mask]  # per layer type
+    for mask in masks:  # [B, T] or the prepared [B, 1, 1, L]: every slot up to the new token let through
+        if mask is None:
+            continue
+        if not isinstance(mask, torch.Tensor):
+            return None  # e.g. flex attention's BlockMask
+        seen = mask[:, :position + 1] if mask.dim() == 2 else mask[..., -1, :position + 1]
         if not bool(seen.all() if seen.dtype == torch.bool else (seen == (0 if seen.is_floating_point() else 1)).all()):
             return None
     plans = _steps.setdefault(model, {}).setdefault("transformers", weakref.WeakKeyDictionary())
-    if cache not in plans:
-        length = cache.layers[0].max_cache_len
-        plans[cache] = native.plan(model, cache, length) if native.unsupported(model, length) is None else None
-    plan = plans[cache]
-    if plan is None or input_ids.shape[0] != cache.layers[0].keys.shape[0]:
+    tensors = (first.keys.data_ptr(), first.values.data_ptr())
+    if cache not in plans or plans[cache][1] != tensors:  # new, or its tensors replaced (reorder_cache, ...)
+        plans[cache] = (_try_plan(model, cache, first.max_cache_len), tensors)
+    plan = plans[cache][0]
+    if plan is None:
         return None
-    return CausalLMOutputWithPast(logits=plan.step(input_ids, position, False).unsqueeze(1), cache=cache)
+    logits = plan.step(input_ids, position, False)
+    for layer in cache.layers:  # the Python count sliding layers keep beside the tensor
+        if hasattr(layer, "cumulative_length_int"):
+            layer.cumulative_length_int = position + 1
+    return CausalLMOutputWithPast(logits=logits.unsqueeze(1), cache=cache)
+
+
+def _try_plan(model: nn.Module, cache, length: int):
+    """native.plan, or None (the reason at debug level)."""
+    why = native.unsupported(model, length)
+    if why is None:
+        try:
+            return native.plan(model, cache, length)
+        except (ValueError, RuntimeError) as e:
+            why = str(e)
+    log.debug("no C++ decode step (%s); compiling one", why)
+    return None

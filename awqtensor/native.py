@@ -148,14 +148,37 @@ def unsupported(model: nn.Module, length: int) -> str | None:
     return None
 
 
+def _shapes(attn: nn.Module, mlp: nn.Module, config, where: str) -> int:
+    """Check the projections' shapes against the heads (the C++ step indexes by them); the MLP width."""
+    hidden, heads, kv_heads = config.hidden_size, config.num_attention_heads, config.num_key_value_heads
+    d = getattr(attn, "head_dim", None)
+    if not isinstance(d, int) or d % 2 or heads % kv_heads:
+        raise _Unsupported(f"{where}: head size {d!r} or heads {heads}/{kv_heads}")
+    width = getattr(getattr(mlp, "gate_proj", None), "out_features", None)
+    want = {"self_attn.q_proj": (hidden, heads * d), "self_attn.k_proj": (hidden, kv_heads * d),
+            "self_attn.v_proj": (hidden, kv_heads * d), "self_attn.o_proj": (heads * d, hidden),
+            "mlp.gate_proj": (hidden, width), "mlp.up_proj": (hidden, width), "mlp.down_proj": (width, hidden)}
+    for name, shape in want.items():
+        parent, child = name.split(".")
+        m = getattr(attn if parent == "self_attn" else mlp, child, None)
+        if (getattr(m, "in_features", None), getattr(m, "out_features", None)) != shape:
+            raise _Unsupported(f"{where}.{name} is not {shape[0]} -> {shape[1]}")
+    return width
+
+
 def _layers(model: nn.Module, stack: nn.Module) -> tuple[list, list, list]:
     eps = model.config.rms_norm_eps
-    linears, sizes, norms = [], [], []
+    linears, sizes, norms, widths = [], [], [], set()
+    if len(stack.layers) != model.config.num_hidden_layers:
+        raise _Unsupported(f"{len(stack.layers)} layers for a config of {model.config.num_hidden_layers}")
     for i, layer in enumerate(stack.layers):
         where = f"model.layers.{i}"
         attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
         if attn is None or mlp is None:
             raise _Unsupported(f"{where} has no self_attn/mlp")
+        widths.add(_shapes(attn, mlp, model.config, where))
+        if len(widths) > 1:
+            raise _Unsupported("layers of different MLP widths")
         parts = _projections(attn, ("q_proj", "k_proj", "v_proj"), f"{where}.self_attn")
         parts += _projections(attn, ("o_proj",), f"{where}.self_attn")
         parts += _projections(mlp, ("gate_proj", "up_proj"), f"{where}.mlp")
@@ -187,9 +210,13 @@ def plan(model: nn.Module, cache, length: int):
     heads, kv_heads = model.config.num_attention_heads, model.config.num_key_value_heads
     positions = torch.arange(length).unsqueeze(0)
     cos, sin = stack.rotary_emb(torch.empty(1, dtype=torch.float32), positions)
+    from transformers.cache_utils import StaticLayer, StaticSlidingWindowLayer
+
     layers = cache.layers
     if len(layers) != len(stack.layers) or not all(getattr(c, "is_initialized", False) for c in layers):
         raise ValueError("the static cache is not filled yet: prefill the prompt first")
+    if any(type(c) not in (StaticLayer, StaticSlidingWindowLayer) for c in layers):
+        raise ValueError(f"the cache's layers are {type(layers[0]).__name__}, not transformers' static ones")
     tensors = [t for c in layers for t in (c.keys, c.values, c.cumulative_length)]
     return torch.classes.awqtensor.DecodePlan(
         linears + head, sizes + [head_group], norms, tensors, embed, embed_scales, cos[0].contiguous(),

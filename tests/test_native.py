@@ -5,7 +5,7 @@ import torch
 import transformers
 from transformers import StaticCache
 
-from awqtensor import fuse_, generate, generation, native, quantize_, quantize_head_, rtn_config
+from awqtensor import fast_generate_, fuse_, generate, generation, native, quantize_, quantize_head_, rtn_config
 from awqtensor.ops import cpu_kernel
 
 pytestmark = pytest.mark.skipif(cpu_kernel.unavailable() is not None or not cpu_kernel.binding(),
@@ -20,10 +20,12 @@ def model_of(kind: str, seed: int = 0, **overrides):
     config = {"llama": transformers.LlamaConfig, "mistral": transformers.MistralConfig,
               "qwen2": transformers.Qwen2Config, "qwen3": transformers.Qwen3Config}[kind](**dict(SMALL, **overrides))
     model = transformers.AutoModelForCausalLM.from_config(config).eval()
-    with torch.no_grad():  # norms away from 1, so that a skipped or misplaced one shows
+    with torch.no_grad():  # norms away from 1 and biases away from 0, so that a skipped or misplaced one shows
         for name, p in model.named_parameters():
             if "norm" in name:
                 p.uniform_(0.5, 1.5)
+            elif name.endswith("bias"):
+                p.uniform_(-0.5, 0.5)
     return model
 
 
@@ -150,3 +152,34 @@ def test_step_rejects_bad_calls():
     with pytest.raises(RuntimeError, match="outside the vocabulary"):
         plan.step(torch.tensor([[1], [320]]), 3, True)
     assert plan.step(torch.tensor([[1], [2]]), 3, True).shape == (2, 1)
+
+
+class Counted:
+    """A plan whose steps are counted."""
+
+    def __init__(self, plan):
+        self.plan, self.steps = plan, 0
+
+    def step(self, *args):
+        self.steps += 1
+        return self.plan.step(*args)
+
+
+@pytest.mark.parametrize("kind, overrides", [("qwen2", {}), ("qwen3", dict(head_dim=32)), ("mistral", {}),
+                                             ("mistral", dict(sliding_window=12))])
+def test_transformers_generate_after_fast_generate_(monkeypatch, kind, overrides):
+    """model.generate's decode calls go through the plan (Qwen's per-layer-type masks, a
+    Mistral sliding-window cache), and leave it where they must: a window of 12 over 6 +
+    10 tokens rolls, and the compiled forward takes over, with the cache's counts right."""
+    model = prepared(model_of(kind, **overrides))
+    ids = torch.randint(3, 320, (2, 6))
+    expected = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=10, min_new_tokens=10,
+                              do_sample=False, cache_implementation="static", disable_compile=True)
+    fast_generate_(model)
+    plans = []
+    monkeypatch.setattr(native, "plan", lambda *a, plan=native.plan: plans.append(Counted(plan(*a))) or plans[-1])
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=10, min_new_tokens=10,
+                         do_sample=False)
+    torch._dynamo.reset()
+    assert torch.equal(out, expected)
+    assert len(plans) == 1 and plans[0].steps == (6 if "sliding_window" in overrides else 9)
