@@ -11,8 +11,9 @@ next token out, the KV cache updated in place), plus a few tensor ops::
 The step is awqtensor's C++ one (``awqtensor.native``: Llama-family models on the CPU,
 nothing to compile) where the model allows it, else a compiled step whose guards skip
 the module's parameters. The prompt is prefilled eagerly (any length, no
-recompilation); a compiled step is compiled once per model, batch size and cache length. The cache length is the prompt plus the new
-tokens rounded up to ``CACHE_STEP``, so calls of similar lengths reuse one graph. Single
+recompilation); a compiled step is compiled once per model, batch size and cache
+length. The cache length is the prompt plus the new tokens rounded up to
+``CACHE_STEP``, so calls of similar lengths reuse one graph. Single
 tokens attend through ``_decode_attention`` (registered with transformers as
 ``awqtensor_decode``; prompts still take sdpa), which the compiled step fuses.
 
@@ -314,6 +315,7 @@ def _native_forward(model: nn.Module, input_ids=None, cache_position=None, posit
     cache = kwargs.get("cache", kwargs.get("past_key_values"))
     if (set(kwargs) - _PLAIN or type(cache) is not StaticCache or input_ids is None or input_ids.dim() != 2
             or input_ids.shape[1] != 1 or input_ids.device.type != "cpu" or torch.is_grad_enabled()
+            or kwargs.get("use_cache") is False or kwargs.get("return_dict") is False
             or not all(getattr(layer, "is_initialized", False) for layer in cache.layers)):
         return None
     first = cache.layers[0]
