@@ -349,12 +349,9 @@ def _native_forward(model: nn.Module, input_ids=None, cache_position=None, posit
 
 
 def _try_plan(model: nn.Module, cache, length: int):
-    """native.plan, or None (the reason at debug level)."""
-    why = native.unsupported(model, length)
-    if why is None:
-        try:
-            return native.plan(model, cache, length)
-        except (ValueError, RuntimeError) as e:
-            why = str(e)
-    log.debug("no C++ decode step (%s); compiling one", why)
-    return None
+    """native.plan, or None (its reason at debug level)."""
+    try:
+        return native.plan(model, cache, length)
+    except (ValueError, RuntimeError) as why:
+        log.debug("%s; compiling a step instead", why)
+        return None

@@ -139,13 +139,20 @@ def _head(model: nn.Module) -> tuple[list[torch.Tensor], int, bool]:
 def unsupported(model: nn.Module, length: int) -> str | None:
     """Why ``model`` cannot decode through the C++ step with a ``length``-token cache, or None."""
     try:
-        stack = _checked(model, length)
-        _embedding(stack)
-        _head(model)
-        _layers(model, stack)
+        _parts(model, length)
     except _Unsupported as why:
         return str(why)
     return None
+
+
+def _parts(model: nn.Module, length: int) -> tuple:
+    """What a plan is made of, once everything is checked: (stack, (embedding, its scales,
+    group size), (head tensors, group size, doubled), (linears, group sizes, norms))."""
+    stack = _checked(model, length)
+    embedding, head = _embedding(stack), _head(model)
+    linears, sizes, norms = _layers(model, stack)
+    norms.append(_norm(stack.norm, model.config.rms_norm_eps, "model.norm"))
+    return stack, embedding, head, (linears, sizes, norms)
 
 
 def _shapes(attn: nn.Module, mlp: nn.Module, config, where: str) -> int:
@@ -199,17 +206,10 @@ def plan(model: nn.Module, cache, length: int):
     ``cache``, or raises ValueError with ``unsupported``'s reason. It holds the model's
     tensors: build a new one after replacing any (``generation.reset``)."""
     try:
-        stack = _checked(model, length)
-        embed, embed_scales, embed_group = _embedding(stack)
-        head, head_group, doubled = _head(model)
-        linears, sizes, norms = _layers(model, stack)
+        stack, (embed, embed_scales, embed_group), (head, head_group, doubled), (linears, sizes, norms) = \
+            _parts(model, length)
     except _Unsupported as why:
         raise ValueError(f"no C++ decode step for this model: {why}") from None
-    norms.append(_norm(stack.norm, model.config.rms_norm_eps, "model.norm"))
-    attn = stack.layers[0].self_attn
-    heads, kv_heads = model.config.num_attention_heads, model.config.num_key_value_heads
-    positions = torch.arange(length).unsqueeze(0)
-    cos, sin = stack.rotary_emb(torch.empty(1, dtype=torch.float32), positions)
     from transformers.cache_utils import StaticLayer, StaticSlidingWindowLayer
 
     layers = cache.layers
@@ -218,6 +218,9 @@ def plan(model: nn.Module, cache, length: int):
     if any(type(c) not in (StaticLayer, StaticSlidingWindowLayer) for c in layers):
         raise ValueError(f"the cache's layers are {type(layers[0]).__name__}, not transformers' static ones")
     tensors = [t for c in layers for t in (c.keys, c.values, c.cumulative_length)]
+    attn = stack.layers[0].self_attn
+    heads, kv_heads = model.config.num_attention_heads, model.config.num_key_value_heads
+    cos, sin = stack.rotary_emb(torch.empty(1, dtype=torch.float32), torch.arange(length).unsqueeze(0))
     return torch.classes.awqtensor.DecodePlan(
         linears + head, sizes + [head_group], norms, tensors, embed, embed_scales, cos[0].contiguous(),
         sin[0].contiguous(), [heads, kv_heads, attn.head_dim, embed_group, int(doubled)],

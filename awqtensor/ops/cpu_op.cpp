@@ -70,6 +70,12 @@ bool disabled(std::string_view name) {  // AWQTENSOR_DISABLE=a,b,...
     return false;
 }
 
+// Whether an [m, k] x [n, k] call takes dense_linear rather than the int8 kernel.
+bool takes_dense_route(int64_t m, int64_t n, int64_t k) {
+    return dense_min_m && m >= dense_min_m && m * n * k >= dense_min_macs && !disabled("cpu_dense") &&
+           !disabled("cpu_dense_bf16");
+}
+
 // x2 (* act) in the route's dtype: bf16 in one pass of our own (torch's fp16 -> bf16 is
 // slow), rounded once per product; fp32 exactly as given, products in fp32.
 at::Tensor route_input(const at::Tensor& x2, int dtype, const at::Tensor& act, int isa) {
@@ -143,7 +149,7 @@ at::Tensor int4_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, const
     if (bias) b = bias->to(x.scalar_type()).contiguous();
     const int64_t m = x2.size(0);
     at::Tensor y;
-    if (dense_min_m && m >= dense_min_m && m * n * k >= dense_min_macs && !disabled("cpu_dense") && !disabled("cpu_dense_bf16")) {
+    if (takes_dense_route(m, n, k)) {
         y = dense_linear(x2, dtype, w, n, groups, group_size, act, b);
     } else {
         y = at::empty({m, n}, x.options());

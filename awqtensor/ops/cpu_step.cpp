@@ -5,12 +5,12 @@
 //
 // A compiled decode step of SmolLM2-135M spends about a third of its time between the
 // kernels (Inductor's Python wrapper, the compiled region, ~300 small calls a token); here
-// a step is one call from Python: per layer four int4 GEMMs (awq_cpu_linear through
-// int4_linear_cpu), the attention kernel above, and loops over a few hundred floats for
-// the norms, rotary embedding, cache write, SiLU and residuals. The arithmetic is that of
-// transformers' modules in fp32; awqtensor/generation.py builds a plan only for the
-// models and weights it checks (``native_step_unsupported`` says why not), so nothing here
-// guesses at a model's structure.
+// a step is one call from Python: per layer four int4 GEMMs (awq_cpu_linear into buffers
+// of the step; int4_linear_cpu where its dense route would serve), the attention kernel
+// above, and loops over a few hundred floats for the norms, rotary embedding, cache write,
+// SiLU and residuals. The arithmetic is that of transformers' modules in fp32;
+// awqtensor/native.py builds a plan only for the models and weights it checks
+// (``native.unsupported`` says why not), so nothing here guesses at a model's structure.
 
 // One Linear: int4 "cpu_blocks" (scales defined), or a float weight. `doubled`: the
 // 8-bit head's halves [V, 2H], multiplied by [x, x] (awqtensor/head.py).
@@ -28,8 +28,7 @@ struct PlanLinear {
         const int64_t M = x.size(0), N = out_features();
         const at::Tensor in = doubled ? at::cat({x, x}, 1) : x;
         const int64_t K = in.size(1);
-        const bool route = dense_min_m && M >= dense_min_m && M * N * K >= dense_min_macs;
-        if (scales.defined() && !route) {
+        if (scales.defined() && !takes_dense_route(M, N, K)) {
             const int rc = awq_cpu_linear(in.data_ptr(), M, K, F32, (const uint8_t*)weight.data_ptr(), N, scales.size(1),
                                           group_size, act_scale.defined() ? act_scale.data_ptr() : nullptr,
                                           bias.defined() ? bias.data_ptr() : nullptr, y, isa_from_env());
