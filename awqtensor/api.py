@@ -174,7 +174,8 @@ def quantize_(
 
 
 def _swap_weight(module: nn.Linear, config: _Int4WeightConfig, act_scale: torch.Tensor | None = None) -> nn.Linear:
-    weight = Int4AWQTensor.from_float(module.weight.detach(), config.group_size, config.zero_point, act_scale)
+    weight = Int4AWQTensor.from_float(module.weight.detach(), config.group_size, config.zero_point, act_scale,
+                                      activations=config.activations)
     module.weight = nn.Parameter(weight, requires_grad=False)
     return module
 

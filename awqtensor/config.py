@@ -11,6 +11,8 @@ from typing import Optional
 
 from torchao.core.config import AOBaseConfig
 
+from .ops.w4a8 import check_mode
+
 SUPPORTED_GROUP_SIZES = (32, 64, 128, -1)
 AWQ_STEPS = (None, "prepare", "convert")
 
@@ -29,12 +31,16 @@ class _Int4WeightConfig(AOBaseConfig):
     zero_point: asymmetric quantization with a zero point (AutoAWQ's default) or symmetric.
     modules_to_not_convert: module names to leave in float; an entry matches any module
         whose qualified name contains it (AutoAWQ's and transformers' rule).
+    activations: None (weight-only: activations stay in float) or "int8" (W4A8: int8
+        dynamic activations per row and group wherever a call is large enough to gain;
+        see awqtensor/ops/w4a8.py). AWQ then scores its searches with the int8 activations.
     """
 
     group_size: int = 128
     zero_point: bool = True
     modules_to_not_convert: tuple[str, ...] = ()
     version: int = 1
+    activations: Optional[str] = None
 
     def __post_init__(self):
         owner = type(self).__name__
@@ -49,6 +55,7 @@ class _Int4WeightConfig(AOBaseConfig):
         if isinstance(skip, str) or not all(isinstance(s, str) for s in skip):
             raise TypeError(f"{owner}: modules_to_not_convert must be a list of module names, got {skip!r}")
         object.__setattr__(self, "modules_to_not_convert", tuple(skip))
+        check_mode(owner, self.activations)
 
 
 @dataclass(frozen=True)
@@ -115,9 +122,10 @@ class AWQConfig(_Int4WeightConfig):
             raise ValueError(f"{owner}: step must be one of {AWQ_STEPS}, got {self.step!r}")
 
 
-def rtn_config(group_size: int = 128, zero_point: bool = True, modules_to_not_convert=None) -> RTNConfig:
-    """Round-to-nearest int4 config."""
-    return RTNConfig(group_size, zero_point, modules_to_not_convert)
+def rtn_config(group_size: int = 128, zero_point: bool = True, modules_to_not_convert=None,
+               activations: Optional[str] = None) -> RTNConfig:
+    """Round-to-nearest int4 config; ``activations="int8"`` for W4A8."""
+    return RTNConfig(group_size, zero_point, modules_to_not_convert, activations=activations)
 
 
 def awq_config(group_size: int = 128, zero_point: bool = True, modules_to_not_convert=None, **options) -> AWQConfig:

@@ -3,7 +3,7 @@
 An Int4AWQTensor entry ``name`` is stored as ``name.qweight``, ``name.scales`` and, when
 present, ``name.zeros`` and ``name.act_scale`` (canonical "plain" packing), and described
 in the header's metadata under ``awqtensor`` as {name: {group_size, shape, bits,
-zero_point}}. Loading checks every described tensor's presence, shape and dtype and
+zero_point, and activations when W4A8}}. Loading checks every described tensor's presence, shape and dtype and
 names the one at fault. An 8-bit head (``Int8HeadTensor``) is stored as ``name.qweight``
 (int8 [V, H]) and ``name.scales`` ([V]), described with ``bits`` 8.
 """
@@ -18,6 +18,7 @@ import safetensors.torch
 import torch
 
 from . import checkpoint, packing
+from .ops import w4a8
 from .head import Int8HeadTensor
 from .tensor import Int4AWQTensor
 
@@ -44,6 +45,8 @@ def flatten_state_dict(state_dict: dict) -> tuple[dict[str, torch.Tensor], dict[
                     tensors[f"{name}.{field}"] = tensor.detach().contiguous()
             described[name] = {"group_size": value.group_size, "shape": list(value.shape), "bits": BITS,
                                "zero_point": value.zeros is not None}
+            if value.activations is not None:  # W4A8; absent means weight-only (older files too)
+                described[name]["activations"] = value.activations
         else:
             tensors[name] = value.detach().contiguous()
     metadata = {"format": "awqtensor", "version": str(FORMAT_VERSION), "awqtensor": json.dumps(described)}
@@ -85,9 +88,13 @@ def unflatten_state_dict(tensors: dict[str, torch.Tensor], metadata: dict[str, s
                                  f"[{n}, {k}] weight with group_size {group_size}")
             if dtype is not None and t.dtype != dtype:
                 raise ValueError(f"{name}.{field} has dtype {t.dtype}, expected {dtype}")
+        activations = info.get("activations")
+        if activations not in w4a8.MODES:
+            raise ValueError(f"{name}: activations {activations!r} is not one this awqtensor knows "
+                             f"({w4a8.MODES}); upgrade awqtensor")
         state_dict[name] = Int4AWQTensor(
             fields["qweight"], fields["scales"], group_size, torch.Size((n, k)), packing.PLAIN,
-            fields["zeros"], fields["act_scale"],
+            fields["zeros"], fields["act_scale"], activations,
         )
     state_dict.update(tensors)
     return state_dict

@@ -12,6 +12,7 @@ from torchao.utils import TorchAOBaseTensor, fill_defaults
 
 from . import ops  # noqa: F401  (registers torch.ops.awqtensor)
 from . import packing, quant
+from .ops import w4a8
 
 aten = torch.ops.aten
 
@@ -30,6 +31,9 @@ class Int4AWQTensor(TorchAOBaseTensor):
             quantization with the implicit zero point 8.
         act_scale (the tensor's dtype, optional): [K], multiplies the input per channel
             before the matmul. AWQ puts 1/s here when no earlier op can absorb it.
+        activations (str, optional): None, weight-only (activations stay in float), or
+            "int8": W4A8, activations quantized to int8 per row and group for calls
+            large enough to gain from it (``awqtensor/ops/w4a8.py``).
 
     Attributes:
         group_size (int): columns per group; per-channel quantization stores K. When K
@@ -55,13 +59,16 @@ class Int4AWQTensor(TorchAOBaseTensor):
     tensor_data_names = ["qweight", "scales"]
     tensor_attribute_names = ["group_size", "shape", "packing_format"]
     optional_tensor_data_names = ["zeros", "act_scale"]
+    optional_tensor_attribute_names = ["activations"]
 
-    def __new__(cls, qweight, scales, group_size, shape, packing_format, zeros=None, act_scale=None):
+    def __new__(cls, qweight, scales, group_size, shape, packing_format, zeros=None, act_scale=None,
+                activations=None):
         return torch.Tensor._make_wrapper_subclass(
             cls, shape, dtype=scales.dtype, device=qweight.device, requires_grad=False
         )
 
-    def __init__(self, qweight, scales, group_size, shape, packing_format, zeros=None, act_scale=None):
+    def __init__(self, qweight, scales, group_size, shape, packing_format, zeros=None, act_scale=None,
+                 activations=None):
         super().__init__()
         self.qweight = qweight
         self.scales = scales
@@ -69,6 +76,7 @@ class Int4AWQTensor(TorchAOBaseTensor):
         self.packing_format = packing_format
         self.zeros = zeros
         self.act_scale = act_scale
+        self.activations = activations
         # Read per F.linear call; the shape property would cost a __torch_function__ round trip.
         self._in_features = shape[1]
 
@@ -80,16 +88,19 @@ class Int4AWQTensor(TorchAOBaseTensor):
         zero_point: bool = True,
         act_scale: torch.Tensor | None = None,
         name: str = "weight",
+        activations: str | None = None,
     ) -> "Int4AWQTensor":
         """Quantize a float [N, K] weight. ``group_size=-1`` means one group per row.
-        ``act_scale`` (optional, [K]) is stored as is and multiplies the input."""
+        ``act_scale`` (optional, [K]) is stored as is and multiplies the input.
+        ``activations``: None (weight-only) or "int8" (W4A8)."""
         validate_weight(weight, group_size, name)
+        w4a8.check_mode(name, activations)
         n, k = weight.shape
         group_size = k if group_size == -1 else group_size
         with torch.no_grad():
             scales, zeros = quant.choose_qparams(weight, group_size, zero_point)
             qweight = packing.pack_nibbles(quant.quantize(weight, scales, zeros, group_size))
-        plain = cls(qweight, scales, group_size, weight.shape, packing.PLAIN, zeros, act_scale)
+        plain = cls(qweight, scales, group_size, weight.shape, packing.PLAIN, zeros, act_scale, activations)
         return plain._repacked_for(weight.device, weight.dtype)
 
     @property
@@ -109,8 +120,8 @@ class Int4AWQTensor(TorchAOBaseTensor):
         )
 
     def _replace(self, **fields) -> "Int4AWQTensor":
-        state = {name: getattr(self, name) for name in
-                 self.tensor_data_names + self.tensor_attribute_names + self.optional_tensor_data_names}
+        state = {name: getattr(self, name) for name in self.tensor_data_names + self.tensor_attribute_names
+                 + self.optional_tensor_data_names + self.optional_tensor_attribute_names}
         state.update(fields)
         return Int4AWQTensor(**state)
 
@@ -120,6 +131,8 @@ class Int4AWQTensor(TorchAOBaseTensor):
         target = packing.choose_packing(device, dtype, self.shape[0], self.group_size)
         if (self.device, self.dtype, self.packing_format) == (device, dtype, target):
             return self
+        if self.activations is not None:
+            w4a8.warn_unavailable(device, target, self.group_size)
         plain = self.plain_qweight()
         cast = (lambda t: None if t is None else t.to(device=device, dtype=dtype))
         scales, zeros = cast(self.scales), None if self.zeros is None else self.zeros.to(device)
@@ -163,12 +176,13 @@ class Int4AWQTensor(TorchAOBaseTensor):
         inner = [(name, None if getattr(self, name) is None else (tuple(getattr(self, name).shape), str(getattr(self, name).dtype)))
                  for name in self.tensor_data_names + self.optional_tensor_data_names]
         key = (type(self).__qualname__, tuple(self.shape), str(self.dtype), self.device.type,
-               self.group_size, self.packing_format, inner)
+               self.group_size, self.packing_format, self.activations, inner)
         return hashlib.blake2b(repr(key).encode(), digest_size=16).hexdigest()
 
     def __repr__(self):
         kind = "asymmetric" if self.zeros is not None else "symmetric"
         extra = ", act_scale" if self.act_scale is not None else ""
+        extra += f", activations={self.activations!r}" if self.activations is not None else ""
         return (f"Int4AWQTensor(shape={tuple(self.shape)}, dtype={self.dtype}, device={self.device}, "
                 f"group_size={self.group_size}, {kind}, packing_format={self.packing_format!r}{extra})")
 
@@ -248,7 +262,8 @@ class _Int4Linear(torch.autograd.Function):
 
 
 def _int4_linear_op(x, weight, bias):
-    return torch.ops.awqtensor.int4_linear.default(
+    op = torch.ops.awqtensor.int4_linear if weight.activations is None else torch.ops.awqtensor.w4a8_linear
+    return op.default(
         x, weight.qweight, weight.scales, weight.zeros, weight.act_scale, bias,
         weight.group_size, weight.packing_format,
     )
@@ -275,7 +290,7 @@ def _(func, types, args, kwargs):
     if not isinstance(src, Int4AWQTensor):
         raise TypeError(f"cannot copy a {type(src).__name__} into an Int4AWQTensor; load a quantized "
                         f"state dict, or quantize_ the float model instead of loading into a quantized one")
-    for field in ("shape", "group_size"):
+    for field in ("shape", "group_size", "activations"):
         if getattr(self, field) != getattr(src, field):
             raise ValueError(f"copy_: {field} differs: destination {getattr(self, field)}, source {getattr(src, field)}")
     for field in ("zeros", "act_scale"):

@@ -271,7 +271,8 @@ def calibrate(model: nn.Module, config, selected, calibration_data, tokenizer=No
                     weight = (weight.float() * s).to(dtype)
                     s = (1 / s).to(dtype)
                 linear.weight = nn.Parameter(
-                    Int4AWQTensor.from_float(weight, config.group_size, config.zero_point, s, name=f"{where}{n}.weight"),
+                    Int4AWQTensor.from_float(weight, config.group_size, config.zero_point, s, name=f"{where}{n}.weight",
+                                             activations=config.activations),
                     requires_grad=False)
                 done.add(id(linear))
         if not last:
@@ -291,5 +292,6 @@ def calibrate(model: nn.Module, config, selected, calibration_data, tokenizer=No
                       f"quantized round-to-nearest", stacklevel=3)
         for name, linear in rest:
             linear.weight = nn.Parameter(Int4AWQTensor.from_float(
-                linear.weight.detach(), config.group_size, config.zero_point, name=f"{name}.weight"), requires_grad=False)
+                linear.weight.detach(), config.group_size, config.zero_point, name=f"{name}.weight",
+                activations=config.activations), requires_grad=False)
     return model

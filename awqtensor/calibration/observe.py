@@ -171,7 +171,8 @@ def _swap(linear: nn.Linear, weight: torch.Tensor, config, act_scale=None, name=
     dtype = linear.weight.dtype
     scale = None if act_scale is None else act_scale.to(dtype)
     linear.weight = nn.Parameter(Int4AWQTensor.from_float(
-        weight.to(dtype), config.group_size, config.zero_point, scale, name=name), requires_grad=False)
+        weight.to(dtype), config.group_size, config.zero_point, scale, name=name, activations=config.activations),
+        requires_grad=False)
 
 
 def _convert_unfolded(linear: nn.Linear, config, name: str = "weight") -> None:

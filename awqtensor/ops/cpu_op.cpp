@@ -26,6 +26,7 @@
 #include <vector>
 
 #include "cpu_kernel.cpp"
+#include "cpu_gemm.cpp"
 
 namespace {
 
@@ -161,6 +162,53 @@ at::Tensor int4_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, const
         TORCH_CHECK(rc == 0, "awqtensor CPU kernel refused the call (code ", rc, ")");
     }
     if (flat) return y;
+    auto shape = x.sizes().vec();
+    shape.back() = n;
+    return y.view(shape);
+}
+
+// ---- awqtensor::w4a8_linear: the prefill/decode switch ----
+// Calls of w4a8_min_m rows up to (not including) w4a8_max_m (M = numel / K; set from Python
+// by ops/w4a8.py; min 0 = never, max 0 = no limit) run the W4A8 GEMM (cpu_gemm.cpp) with
+// w4a8_kernel; the others run weight-only (int4_linear_cpu: the int8-per-32-column decode
+// kernel or the dense route), as do group sizes that are not a multiple of 32 and
+// AWQTENSOR_DISABLE=cpu_w4a8.
+int64_t w4a8_min_m = 0, w4a8_max_m = 0;
+int w4a8_kernel = -1;  // -1: the best this CPU has
+
+bool takes_w4a8_gemm(int64_t m, int64_t group_size) {
+    return w4a8_min_m && m >= w4a8_min_m && (!w4a8_max_m || m < w4a8_max_m) && group_size % 32 == 0 &&
+           !disabled("cpu_w4a8");
+}
+
+at::Tensor w4a8_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
+                           const std::optional<at::Tensor>& zeros, const std::optional<at::Tensor>& act_scale,
+                           const std::optional<at::Tensor>& bias, int64_t group_size, c10::string_view packing_format) {
+    const int64_t k = x.size(-1), n = scales.size(0), groups = scales.size(1);
+    const int64_t m = k ? x.numel() / k : 0;
+    if (std::string_view(packing_format.data(), packing_format.size()) != "cpu_blocks") {
+        static auto python = c10::Dispatcher::singleton()
+                                 .findSchemaOrThrow("awqtensor::_w4a8_linear_py", "")
+                                 .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                                   const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
+                                                   const std::optional<at::Tensor>&, int64_t, c10::string_view)>();
+        return python.call(x, qweight, scales, zeros, act_scale, bias, group_size, packing_format);
+    }
+    if (!m || !takes_w4a8_gemm(m, group_size))
+        return int4_linear_cpu(x, qweight, scales, zeros, act_scale, bias, group_size, packing_format);
+    dtype_code(x.scalar_type());  // the same error as int4_linear for other dtypes
+    at::Tensor x2 = x.reshape({m, k}).to(at::kFloat);
+    if (act_scale) x2 = x2.mul(act_scale->to(at::kFloat));
+    x2 = x2.contiguous();
+    const at::Tensor w = qweight.contiguous();
+    at::Tensor b;
+    if (bias) b = bias->to(at::kFloat).contiguous();
+    at::Tensor y = at::empty({m, n}, x.options().dtype(at::kFloat));
+    const int kernel = w4a8_kernel >= 0 ? w4a8_kernel : gemm_best_kernel();
+    const int rc = w4a8_gemm(x2.data_ptr<float>(), m, k, (const uint8_t*)w.data_ptr(), n, groups, group_size,
+                             b.defined() ? b.data_ptr<float>() : nullptr, y.data_ptr<float>(), kernel);
+    TORCH_CHECK(rc == 0, "awqtensor W4A8 GEMM refused the call (code ", rc, ")");
+    if (x.scalar_type() != at::kFloat) y = y.to(x.scalar_type());
     auto shape = x.sizes().vec();
     shape.back() = n;
     return y.view(shape);
@@ -335,8 +383,20 @@ extern "C" void awq_cpu_set_dense_route(int64_t min_m, int64_t min_macs, int64_t
     dense_chunk = chunk;
 }
 
+// Calls of [min_m, max_m) rows take the W4A8 GEMM (min 0 = never, max 0 = no limit), with
+// `kernel` (-1 = the best here).
+extern "C" void awq_cpu_set_w4a8_route(int64_t min_m, int64_t max_m, int64_t kernel) {
+    w4a8_min_m = min_m;
+    w4a8_max_m = max_m;
+    w4a8_kernel = (int)kernel;
+}
+
+// 1 if this CPU runs the W4A8 GEMM's micro-kernel `kernel` (0 scalar, 1 avx2, 2 avx512_vnni, 3 amx).
+extern "C" int awq_cpu_w4a8_kernel_supported(int64_t kernel) { return gemm_kernel_supported((int)kernel); }
+
 TORCH_LIBRARY_IMPL(awqtensor, CPU, m) {
     m.impl("int4_linear", &int4_linear_cpu);
+    m.impl("w4a8_linear", &w4a8_linear_cpu);
     m.impl("decode_attention", &decode_attention_cpu);
     m.impl("dequantize", &dequantize_cpu);
 }

@@ -94,3 +94,17 @@ def int4_grouped_linear(x, rows, block_experts, qweight, scales, zeros, act_scal
 
     return triton_moe.grouped_gemm(x.contiguous(), rows, block_experts, qweight, scales, zeros, act_scale,
                                    group_size, block_m=rows.numel() // max(block_experts.numel(), 1))
+
+
+def w4a8_linear(x, qweight, scales, zeros, act_scale, bias, group_size):
+    """The Triton W4A8 GEMM (``triton_w4a8.py``) on a "triton"-layout weight; the switch
+    that sends a call here is ``w4a8.reasons``."""
+    from . import triton_w4a8, w4a8
+
+    lead, k = x.shape[:-1], x.shape[-1]
+    x2 = x.reshape(-1, k)
+    if act_scale is not None:
+        x2 = x2 * act_scale
+    xq, d = w4a8.quantize_activations(x2, group_size, scales.shape[1])
+    y = triton_w4a8.w4a8_gemm(xq, d, qweight, scales, zeros, bias, group_size, x.dtype)
+    return y.reshape(*lead, scales.shape[0])

@@ -3,6 +3,7 @@
 
     int4_linear(x [..., K], qweight, scales [N, G], zeros [N, G]?, act_scale [K]?, bias [N]?,
                 group_size, packing_format) -> [..., N] in x.dtype
+    w4a8_linear(the same) -> the same, with int8 dynamic activations for large M (``w4a8.py``)
     dequantize(qweight, scales, zeros?, act_scale?, group_size, in_features, packing_format)
                 -> [N, in_features] in scales.dtype
     int4_grouped_linear(x [M, K], rows [P], block_experts [P / BLOCK_M], qweight [E, K/8, N],
@@ -24,7 +25,7 @@ from __future__ import annotations
 
 import torch
 
-from . import cpu, gpu, reference
+from . import cpu, gpu, reference, w4a8
 
 _lib = torch.library.Library("awqtensor", "DEF")
 
@@ -44,8 +45,25 @@ _lib.define(
 _lib.impl("_int4_linear_py", cpu.int4_linear, "CompositeExplicitAutograd")
 
 
+# W4A8 (int8 dynamic activations, ``w4a8.py``): the same arguments; the op decides per call,
+# by M = numel / K, between the W4A8 GEMM and weight-only (int4_linear). The C++ CPU
+# kernel takes the CPU when it loads and hands other layouts back as _w4a8_linear_py.
+_lib.define(
+    "w4a8_linear(Tensor x, Tensor qweight, Tensor scales, Tensor? zeros, Tensor? act_scale, Tensor? bias, "
+    "int group_size, str packing_format) -> Tensor"
+)
+_lib.impl("w4a8_linear", w4a8.w4a8_linear, "CompositeExplicitAutograd")
+_lib.define(
+    "_w4a8_linear_py(Tensor x, Tensor qweight, Tensor scales, Tensor? zeros, Tensor? act_scale, Tensor? bias, "
+    "int group_size, str packing_format) -> Tensor"
+)
+_lib.impl("_w4a8_linear_py", w4a8.w4a8_linear, "CompositeExplicitAutograd")
+
+
 @torch.library.register_fake("awqtensor::int4_linear", lib=_lib)
 @torch.library.register_fake("awqtensor::_int4_linear_py", lib=_lib)
+@torch.library.register_fake("awqtensor::w4a8_linear", lib=_lib)
+@torch.library.register_fake("awqtensor::_w4a8_linear_py", lib=_lib)
 def _(x, qweight, scales, zeros, act_scale, bias, group_size, packing_format):
     return x.new_empty((*x.shape[:-1], scales.shape[0]))
 

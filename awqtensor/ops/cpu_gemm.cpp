@@ -1,0 +1,435 @@
+// awqtensor::w4a8_linear's CPU GEMM: int8 activations x int4 weights for prefill-sized M,
+// included by cpu_op.cpp (after cpu_kernel.cpp, whose dtype helpers and ISA checks it uses).
+//
+// Arithmetic (the W4A8 format, awqtensor/ops/w4a8.py): per row m and weight group g,
+// x' = x * act_scale is quantized to int8 with d[m, g] = absmax / 127,
+// xq = round_half_even(x' * (1 / d)). With the weight's codes minus its zero point
+// (q - z, -15..15) and its scale s (the "cpu_blocks" group header),
+//     y[m, n] = sum_g fl(C_g[n, m] * (s[n, g] * d[m, g])),   C_g = <xq[m, g], (q - z)[n, g]>
+// C_g is an exact int32; the sum is fp32 fmas in group order whatever the tile shape,
+// thread count or micro-kernel: AMX, AVX512-VNNI, AVX2 and scalar give bit-identical results.
+//
+// Layout per call: the activations once, as int8 in the "VNNI" order the dot products
+// read (four consecutive k of one row per 32-bit lane, 16 rows per 64 bytes); per thread,
+// a panel of 32 weight rows unpacked to one signed byte per code. The micro-kernel
+// computes C[n][m] (32 x 32) for one group into an int32 buffer, then the rescale adds it
+// into the fp32 accumulators. With AMX, C = A (codes, 16 x kc bytes) . B (activations)
+// through TDPBSSD, 2 x 2 tiles. The per-group rescale costs about as much as AMX's dot
+// products: from M ~ 128 on, torch's AMX-bf16 matmul (the weight-only dense route) wins,
+// and the switch (w4a8.py) sends those calls there.
+
+#include <sys/syscall.h>
+#include <unistd.h>
+#if AWQ_X86
+#include <cpuid.h>
+#endif
+
+enum GemmKernel { GEMM_SCALAR = 0, GEMM_AVX2 = 1, GEMM_AVX512_VNNI = 2, GEMM_AMX = 3 };
+static const int kPanel = 32;  // weight rows (outputs) per panel, and activation rows per block
+
+#if AWQ_X86
+#define AWQ_AMX __attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni,amx-tile,amx-int8")))
+
+// AMX needs the kernel's permission for the tile data once per process (Linux >= 5.16).
+static bool amx_usable() {
+    static const bool ok = [] {
+        unsigned a, b, c, d;
+        if (!__get_cpuid_count(7, 0, &a, &b, &c, &d) || !(d & (1u << 24)) || !(d & (1u << 25))) return false;
+        if (!awq_cpu_isa_supported(AVX512_VNNI)) return false;
+        const long ARCH_REQ_XCOMP_PERM = 0x1023, XFEATURE_XTILEDATA = 18;
+        return syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0;
+    }();
+    return ok;
+}
+#else
+static bool amx_usable() { return false; }
+#endif
+
+static bool gemm_kernel_supported(int kernel) {
+    switch (kernel) {
+        case GEMM_SCALAR: return true;
+#if AWQ_X86
+        case GEMM_AVX2: return awq_cpu_isa_supported(AVX2);
+        case GEMM_AVX512_VNNI: return awq_cpu_isa_supported(AVX512_VNNI);
+        case GEMM_AMX: return amx_usable();
+#endif
+        default: return false;
+    }
+}
+
+static int gemm_best_kernel() {
+    for (int k : {GEMM_AMX, GEMM_AVX512_VNNI, GEMM_AVX2})
+        if (gemm_kernel_supported(k)) return k;
+    return GEMM_SCALAR;
+}
+
+// ---- activations: x' [M, K] fp32 -> xv (VNNI order), d [G][Mp] ----
+
+// One row's group [c, c + n) (n <= group_size, the rest of the group zero): int8 codes into
+// q[0 .. group_size); *d_out = absmax / 127.
+static void quantize_group_scalar(const float* x, int64_t n, int64_t group_size, int8_t* q, float* d_out) {
+    float amax = 0.0f;
+    for (int64_t i = 0; i < n; ++i) amax = std::fmax(amax, std::fabs(x[i]));
+    const float d = amax / 127.0f;
+    const float inv = d > 0.0f ? 1.0f / d : 0.0f;
+    for (int64_t i = 0; i < group_size; ++i) q[i] = (int8_t)(i < n ? (int)std::nearbyint(x[i] * inv) : 0);
+    *d_out = d;
+}
+
+#if AWQ_X86
+// The same on whole groups (n == group_size, a multiple of 8), bit for bit.
+AWQ_AVX2 static void quantize_group_avx2(const float* x, int64_t group_size, int8_t* q, float* d_out) {
+    const __m256 sign = _mm256_set1_ps(-0.0f);
+    __m256 m = _mm256_setzero_ps();
+    for (int64_t i = 0; i < group_size; i += 8) m = _mm256_max_ps(m, _mm256_andnot_ps(sign, _mm256_loadu_ps(x + i)));
+    __m128 h = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+    h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+    const float amax = _mm_cvtss_f32(_mm_max_ss(h, _mm_movehdup_ps(h)));
+    const float d = amax / 127.0f;
+    const __m256 inv = _mm256_set1_ps(d > 0.0f ? 1.0f / d : 0.0f);
+    for (int64_t i = 0; i < group_size; i += 8) {
+        const __m256i v = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x + i), inv));  // nearest even
+        const __m128i w = _mm_packs_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+        _mm_storel_epi64((__m128i*)(q + i), _mm_packs_epi16(w, w));
+    }
+    *d_out = d;
+}
+#endif
+
+// ---- the buffers' layouts: every AMX tile one contiguous KiB ----
+// codes: a panel's 32 rows in chunks of kc columns, [Kp / kc][32][kc]; `codes` at row 0
+// with row r's bytes at r * kc (unpack_row writes one row: pass code_at(buf, r, 0, kc)).
+// xv: activations by blocks of 16 rows, [Mp / 16][Kp / 4][16][4].
+// kc is 32 or 64: shifts, not divisions, in the inner loops.
+static inline int64_t code_offset(int64_t n, int64_t k, int64_t kc) {
+    const int shift = kc == 64 ? 6 : 5;
+    return (((k >> shift) * kPanel + n) << shift) + (k & (kc - 1));
+}
+static inline int8_t* code_at(int8_t* codes, int64_t n, int64_t k, int64_t kc) { return codes + code_offset(n, k, kc); }
+static inline const int8_t* code_at(const int8_t* codes, int64_t n, int64_t k, int64_t kc) {
+    return codes + code_offset(n, k, kc);
+}
+static inline const int8_t* xv_at(const int8_t* xv, int64_t m, int64_t k4, int64_t Kp) {  // m a multiple of 16
+    return xv + ((m / 16) * (Kp / 4) + k4) * 64;
+}
+
+// ---- weights: a row of the "cpu_blocks" layout -> one signed byte per code, q - zero ----
+// codes [Kp] (-15..15), scale[g * stride], wsum[g * stride] = sum over the group of (q - zero).
+// The zero point is the header's scale * zero over its scale, rounded: exact for the
+// integers 0..15 in fp32.
+
+static inline int zero_of(float s, float sz) { return s != 0.0f ? (int)std::nearbyint(sz / s) : 0; }
+
+static void unpack_row_scalar(const uint8_t* row, int64_t G, int64_t group_size, int64_t kc, int8_t* codes,
+                              float* scale, int32_t* wsum, int64_t stride) {
+    const int64_t nb = group_size / 32;
+    for (int64_t g = 0; g < G; ++g) {
+        const uint8_t* at = row + g * (8 + 16 * nb);
+        float s, sz;
+        std::memcpy(&s, at, 4);
+        std::memcpy(&sz, at + 4, 4);
+        const int z = zero_of(s, sz);
+        int sum = 0;
+        for (int64_t b = 0; b < nb; ++b) {
+            const uint8_t* blk = at + 8 + 16 * b;
+            int8_t* out = code_at(codes, 0, g * group_size + 32 * b, kc);
+            for (int i = 0; i < 16; ++i) {
+                out[i] = (int8_t)((blk[i] & 15) - z);
+                out[16 + i] = (int8_t)((blk[i] >> 4) - z);
+                sum += out[i] + out[16 + i];
+            }
+        }
+        scale[g * stride] = s;
+        wsum[g * stride] = sum;
+    }
+}
+
+#if AWQ_X86
+AWQ_AVX2 static void unpack_row_avx2(const uint8_t* row, int64_t G, int64_t group_size, int64_t kc, int8_t* codes,
+                                     float* scale, int32_t* wsum, int64_t stride) {
+    const int64_t nb = group_size / 32;
+    const __m128i low = _mm_set1_epi8(15);
+    for (int64_t g = 0; g < G; ++g) {
+        const uint8_t* at = row + g * (8 + 16 * nb);
+        float s, sz;
+        std::memcpy(&s, at, 4);
+        std::memcpy(&sz, at + 4, 4);
+        const int z = zero_of(s, sz);
+        const __m256i zv = _mm256_set1_epi8((char)z);
+        __m256i total = _mm256_setzero_si256();
+        for (int64_t b = 0; b < nb; ++b) {
+            const __m128i v = _mm_loadu_si128((const __m128i*)(at + 8 + 16 * b));
+            const __m256i q = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(v, 4), low), _mm_and_si128(v, low));
+            total = _mm256_add_epi64(total, _mm256_sad_epu8(q, _mm256_setzero_si256()));
+            _mm256_storeu_si256((__m256i*)code_at(codes, 0, g * group_size + 32 * b, kc), _mm256_sub_epi8(q, zv));
+        }
+        const __m128i t = _mm_add_epi64(_mm256_castsi256_si128(total), _mm256_extracti128_si256(total, 1));
+        scale[g * stride] = s;
+        wsum[g * stride] = (int32_t)(_mm_cvtsi128_si64(t) + _mm_extract_epi64(t, 1)) - z * (int32_t)group_size;
+    }
+}
+#endif
+
+// ---- micro-kernels: C[n][m] (32 x 32 int32) = sum over k in [k0, k0 + len) of codes[n][k] xq[m][k] ----
+// codes: [32][Kp] s8; xv: [Kp / 4][Mp][4] s8 (the block's rows start at m0); wsum: [32], the
+// group's sum of codes per row. The VNNI and AVX2 dot products take one unsigned operand:
+// they read x + 128 (x ^ 0x80) and subtract 128 * wsum, exactly.
+
+static void dots_scalar(const int8_t* codes, int64_t kc, const int8_t* xv, int64_t Kp, int64_t m0, int64_t k0,
+                        int64_t len, const int32_t*, int32_t* C) {
+    std::memset(C, 0, sizeof(int32_t) * kPanel * kPanel);
+    for (int64_t k4 = k0 / 4; k4 < (k0 + len) / 4; ++k4)
+        for (int n = 0; n < kPanel; ++n) {
+            const int8_t* q = code_at(codes, n, 4 * k4, kc);
+            for (int m = 0; m < kPanel; ++m) {
+                const int8_t* x = xv_at(xv, m0 + m / 16 * 16, k4, Kp) + 4 * (m % 16);
+                C[n * kPanel + m] += q[0] * x[0] + q[1] * x[1] + q[2] * x[2] + q[3] * x[3];
+            }
+        }
+}
+
+#if AWQ_X86
+// 8 activation rows per register: maddubs (u8 x s8 -> s16 pairs, at most 2 * 255 * 15: no
+// saturation) then madd by ones.
+AWQ_AVX2 static void dots_avx2(const int8_t* codes, int64_t kc, const int8_t* xv, int64_t Kp, int64_t m0, int64_t k0,
+                               int64_t len, const int32_t* wsum, int32_t* C) {
+    const __m256i ones = _mm256_set1_epi16(1), flip = _mm256_set1_epi8((char)0x80);
+    for (int n0 = 0; n0 < kPanel; n0 += 2) {
+        __m256i acc[2][4];
+        for (int r = 0; r < 2; ++r)
+            for (int j = 0; j < 4; ++j) acc[r][j] = _mm256_setzero_si256();
+        for (int64_t k4 = k0 / 4; k4 < (k0 + len) / 4; ++k4) {
+            __m256i x[4];
+            for (int j = 0; j < 4; ++j)
+                x[j] = _mm256_xor_si256(_mm256_loadu_si256((const __m256i*)(xv_at(xv, m0 + 16 * (j / 2), k4, Kp) + 32 * (j % 2))), flip);
+            for (int r = 0; r < 2; ++r) {
+                int32_t q4;
+                std::memcpy(&q4, code_at(codes, n0 + r, 4 * k4, kc), 4);
+                const __m256i q = _mm256_set1_epi32(q4);
+                for (int j = 0; j < 4; ++j)
+                    acc[r][j] = _mm256_add_epi32(acc[r][j], _mm256_madd_epi16(_mm256_maddubs_epi16(x[j], q), ones));
+            }
+        }
+        for (int r = 0; r < 2; ++r) {
+            const __m256i corr = _mm256_set1_epi32(128 * wsum[n0 + r]);
+            for (int j = 0; j < 4; ++j)
+                _mm256_storeu_si256((__m256i*)(C + (n0 + r) * kPanel + 8 * j), _mm256_sub_epi32(acc[r][j], corr));
+        }
+    }
+}
+
+// 16 activation rows per register, vpdpbusd; 4 weight rows at a time.
+AWQ_AVX512_VNNI static void dots_vnni512(const int8_t* codes, int64_t kc, const int8_t* xv, int64_t Kp, int64_t m0,
+                                         int64_t k0, int64_t len, const int32_t* wsum, int32_t* C) {
+    const __m512i flip = _mm512_set1_epi8((char)0x80);
+    for (int n0 = 0; n0 < kPanel; n0 += 4) {
+        __m512i acc[4][2];
+        for (int r = 0; r < 4; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_si512();
+        for (int64_t k4 = k0 / 4; k4 < (k0 + len) / 4; ++k4) {
+            const __m512i x0 = _mm512_xor_si512(_mm512_loadu_si512(xv_at(xv, m0, k4, Kp)), flip);
+            const __m512i x1 = _mm512_xor_si512(_mm512_loadu_si512(xv_at(xv, m0 + 16, k4, Kp)), flip);
+            for (int r = 0; r < 4; ++r) {
+                int32_t q4;
+                std::memcpy(&q4, code_at(codes, n0 + r, 4 * k4, kc), 4);
+                const __m512i q = _mm512_set1_epi32(q4);
+                acc[r][0] = _mm512_dpbusd_epi32(acc[r][0], x0, q);
+                acc[r][1] = _mm512_dpbusd_epi32(acc[r][1], x1, q);
+            }
+        }
+        for (int r = 0; r < 4; ++r) {
+            const __m512i corr = _mm512_set1_epi32(128 * wsum[n0 + r]);
+            _mm512_storeu_si512(C + (n0 + r) * kPanel, _mm512_sub_epi32(acc[r][0], corr));
+            _mm512_storeu_si512(C + (n0 + r) * kPanel + 16, _mm512_sub_epi32(acc[r][1], corr));
+        }
+    }
+}
+
+// Tiles: 0-3 C (16 x 16 int32), 4-5 A (16 weight rows x kc code bytes), 6-7 B (kc / 4 rows
+// of 16 activation rows x 4 bytes).
+struct TileConfig {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+};
+
+AWQ_AMX static void amx_configure(int64_t kc) {
+    TileConfig cfg;
+    std::memset(&cfg, 0, sizeof cfg);
+    cfg.palette = 1;
+    for (int t = 0; t < 4; ++t) cfg.rows[t] = 16, cfg.colsb[t] = 64;
+    for (int t = 4; t < 6; ++t) cfg.rows[t] = 16, cfg.colsb[t] = (uint16_t)kc;
+    for (int t = 6; t < 8; ++t) cfg.rows[t] = (uint8_t)(kc / 4), cfg.colsb[t] = 64;
+    // GCC 12 drops the stores above as dead (it does not see ldtilecfg read them): a barrier
+    asm volatile("" : : "r"(&cfg) : "memory");
+    _tile_loadconfig(&cfg);
+}
+
+AWQ_AMX static void amx_release() { _tile_release(); }
+
+AWQ_AMX static void dots_amx(const int8_t* codes, int64_t kc, const int8_t* xv, int64_t Kp, int64_t m0, int64_t k0,
+                             int64_t len, int32_t* C) {
+    _tile_zero(0);
+    _tile_zero(1);
+    _tile_zero(2);
+    _tile_zero(3);
+    for (int64_t k = k0; k < k0 + len; k += kc) {
+        _tile_loadd(4, code_at(codes, 0, k, kc), kc);
+        _tile_loadd(5, code_at(codes, 16, k, kc), kc);
+        _tile_loadd(6, xv_at(xv, m0, k / 4, Kp), 64);
+        _tile_loadd(7, xv_at(xv, m0 + 16, k / 4, Kp), 64);
+        _tile_dpbssd(0, 4, 6);
+        _tile_dpbssd(1, 4, 7);
+        _tile_dpbssd(2, 5, 6);
+        _tile_dpbssd(3, 5, 7);
+    }
+    const int64_t cstride = kPanel * 4;
+    _tile_stored(0, C, cstride);
+    _tile_stored(1, C + 16, cstride);
+    _tile_stored(2, C + 16 * kPanel, cstride);
+    _tile_stored(3, C + 16 * kPanel + 16, cstride);
+}
+#endif
+
+// acc[n][m] += C[n][m] * (s[n] * d[m])   (one product, one fma: the same in every variant)
+static void rescale_scalar(const int32_t* C, const float* s, const float* d, float* acc) {
+    for (int n = 0; n < kPanel; ++n)
+        for (int m = 0; m < kPanel; ++m) {
+            float& a = acc[n * kPanel + m];
+            a = std::fma((float)C[n * kPanel + m], s[n] * d[m], a);
+        }
+}
+
+#if AWQ_X86
+AWQ_AVX2 static void rescale_avx2(const int32_t* C, const float* s, const float* d, float* acc) {
+    __m256 dv[4];
+    for (int j = 0; j < 4; ++j) dv[j] = _mm256_loadu_ps(d + 8 * j);
+    for (int n = 0; n < kPanel; ++n) {
+        const __m256 sn = _mm256_set1_ps(s[n]);
+        for (int j = 0; j < 4; ++j) {
+            float* a = acc + n * kPanel + 8 * j;
+            const __m256 c = _mm256_cvtepi32_ps(_mm256_loadu_si256((const __m256i*)(C + n * kPanel + 8 * j)));
+            _mm256_storeu_ps(a, _mm256_fmadd_ps(c, _mm256_mul_ps(sn, dv[j]), _mm256_loadu_ps(a)));
+        }
+    }
+}
+
+AWQ_AVX512_VNNI static void rescale_avx512(const int32_t* C, const float* s, const float* d, float* acc) {
+    const __m512 d0 = _mm512_loadu_ps(d), d1 = _mm512_loadu_ps(d + 16);
+    for (int n = 0; n < kPanel; ++n) {
+        const __m512 sn = _mm512_set1_ps(s[n]);
+        float* a = acc + n * kPanel;
+        const __m512 c0 = _mm512_cvtepi32_ps(_mm512_loadu_si512(C + n * kPanel));
+        const __m512 c1 = _mm512_cvtepi32_ps(_mm512_loadu_si512(C + n * kPanel + 16));
+        _mm512_storeu_ps(a, _mm512_fmadd_ps(c0, _mm512_mul_ps(sn, d0), _mm512_loadu_ps(a)));
+        _mm512_storeu_ps(a + 16, _mm512_fmadd_ps(c1, _mm512_mul_ps(sn, d1), _mm512_loadu_ps(a + 16)));
+    }
+}
+#endif
+
+// ---- the driver ----
+
+struct Gemm {
+    const int8_t* xv;          // [Kp / 4][Mp][4]
+    const float* d;            // [G][Mp]
+    const uint8_t* w;          // cpu_blocks, N rows
+    const float* bias;         // [N] or null
+    float* y;                  // [M, N]
+    int64_t M, Mp, N, K, Kp, G, group_size, kc;
+    int kernel;
+};
+
+// Output rows [p0, p1) of panels of 32 (the last padded with zero codes).
+static void gemm_panels(const Gemm& p, int64_t p0, int64_t p1) {
+    const int64_t row_bytes = p.G * (8 + 16 * (p.group_size / 32));
+    std::vector<int8_t> codes(kPanel * p.Kp);
+    std::vector<float> scale(p.G * kPanel), acc(kPanel * kPanel);
+    std::vector<int32_t> wsum(p.G * kPanel);
+    alignas(64) int32_t C[kPanel * kPanel];
+#if AWQ_X86
+    if (p.kernel == GEMM_AMX) amx_configure(p.kc);
+#endif
+    for (int64_t panel = p0; panel < p1; ++panel) {
+        const int64_t n0 = panel * kPanel, rows = std::min<int64_t>(kPanel, p.N - n0);
+        for (int64_t r = 0; r < kPanel; ++r) {
+            int8_t* out = code_at(codes.data(), r, 0, p.kc);
+            if (r >= rows) {
+                for (int64_t k = 0; k < p.Kp; k += p.kc) std::memset(code_at(codes.data(), r, k, p.kc), 0, p.kc);
+                for (int64_t g = 0; g < p.G; ++g) scale[g * kPanel + r] = 0.0f, wsum[g * kPanel + r] = 0;
+                continue;
+            }
+            const uint8_t* row = p.w + (n0 + r) * row_bytes;
+#if AWQ_X86
+            if (p.kernel != GEMM_SCALAR) unpack_row_avx2(row, p.G, p.group_size, p.kc, out, &scale[r], &wsum[r], kPanel);
+            else
+#endif
+                unpack_row_scalar(row, p.G, p.group_size, p.kc, out, &scale[r], &wsum[r], kPanel);
+        }
+        for (int64_t m0 = 0; m0 < p.Mp; m0 += kPanel) {
+            std::fill(acc.begin(), acc.end(), 0.0f);
+            for (int64_t g = 0; g < p.G; ++g) {
+                const int64_t k0 = g * p.group_size;
+                const int32_t* ws = wsum.data() + g * kPanel;
+                const float *s = scale.data() + g * kPanel, *d = p.d + g * p.Mp + m0;
+                switch (p.kernel) {
+#if AWQ_X86
+                    case GEMM_AMX:
+                        dots_amx(codes.data(), p.kc, p.xv, p.Kp, m0, k0, p.group_size, C);
+                        rescale_avx512(C, s, d, acc.data());
+                        break;
+                    case GEMM_AVX512_VNNI:
+                        dots_vnni512(codes.data(), p.kc, p.xv, p.Kp, m0, k0, p.group_size, ws, C);
+                        rescale_avx512(C, s, d, acc.data());
+                        break;
+                    case GEMM_AVX2:
+                        dots_avx2(codes.data(), p.kc, p.xv, p.Kp, m0, k0, p.group_size, ws, C);
+                        rescale_avx2(C, s, d, acc.data());
+                        break;
+#endif
+                    default:
+                        dots_scalar(codes.data(), p.kc, p.xv, p.Kp, m0, k0, p.group_size, ws, C);
+                        rescale_scalar(C, s, d, acc.data());
+                }
+            }
+            const int64_t mrows = std::min<int64_t>(kPanel, p.M - m0);
+            for (int64_t m = 0; m < mrows; ++m) {
+                float* out = p.y + (m0 + m) * p.N + n0;
+                for (int64_t r = 0; r < rows; ++r) out[r] = acc[r * kPanel + m] + (p.bias ? p.bias[n0 + r] : 0.0f);
+            }
+        }
+    }
+#if AWQ_X86
+    if (p.kernel == GEMM_AMX) amx_release();
+#endif
+}
+
+// y [M, N] fp32 = W4A8(x [M, K] fp32, already multiplied by act_scale) + bias (fp32, may be null).
+// Returns 0, or -1 for a group size this GEMM does not take (not a multiple of 32).
+static int w4a8_gemm(const float* x, int64_t M, int64_t K, const uint8_t* w, int64_t N, int64_t G, int64_t group_size,
+                     const float* bias, float* y, int kernel) {
+    if (group_size % 32 || G * group_size < K) return -1;
+    const int64_t Kp = G * group_size, Mp = (M + kPanel - 1) / kPanel * kPanel;
+    std::vector<int8_t> xv(Kp * Mp);  // zeros: the padding rows stay so
+    std::vector<float> d(G * Mp, 0.0f);
+    // quantize row by row, then scatter each row's four-column lanes into the VNNI order
+    at::parallel_for(0, M, 16, [&](int64_t m_begin, int64_t m_end) {
+        std::vector<int8_t> q(Kp);
+        for (int64_t m = m_begin; m < m_end; ++m) {
+            const float* xr = x + m * K;
+            for (int64_t g = 0; g < G; ++g) {
+                const int64_t c = g * group_size, n = std::min(group_size, K - c);
+#if AWQ_X86
+                if (n == group_size && kernel != GEMM_SCALAR) quantize_group_avx2(xr + c, group_size, q.data() + c, &d[g * Mp + m]);
+                else
+#endif
+                    quantize_group_scalar(xr + c, n, group_size, q.data() + c, &d[g * Mp + m]);
+            }
+            const int32_t* lanes = (const int32_t*)q.data();
+            int32_t* out = (int32_t*)xv.data() + (m / 16) * (Kp / 4) * 16 + m % 16;
+            for (int64_t k4 = 0; k4 < Kp / 4; ++k4) out[k4 * 16] = lanes[k4];
+        }
+    });
+    Gemm p{xv.data(), d.data(), w, bias, y, M, Mp, N, K, Kp, G, group_size, group_size % 64 ? 32 : 64, kernel};
+    const int64_t panels = (N + kPanel - 1) / kPanel;
+    at::parallel_for(0, panels, 1, [&](int64_t b, int64_t e) { gemm_panels(p, b, e); });
+    return 0;
+}
