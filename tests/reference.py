@@ -101,3 +101,24 @@ def dense_route_linear(x: torch.Tensor, t, bias: torch.Tensor | None = None,
     wb = torch.from_numpy(dequantize(t, with_act_scale=False)).float().to(route).double()
     y = xb @ wb.T
     return y if bias is None else y + bias.double()
+
+
+def w4a8_linear(x: torch.Tensor, t, bias: torch.Tensor | None = None) -> np.ndarray:
+    """float64 [M, N] of the W4A8 format: x (times act_scale, in fp32) quantized to int8 per
+    row and weight group (d = absmax / 127 and x * (1 / d) rounded half to even, in fp32 as
+    the format specifies), times the weight without act_scale, in float64."""
+    n, k = t.shape
+    xs = x.reshape(-1, k).float()
+    if t.act_scale is not None:
+        xs = xs * t.act_scale.float()
+    xs = xs.numpy()
+    xq = np.zeros(xs.shape)
+    for cols in group_slices(k, t.group_size):
+        g = xs[:, cols]
+        d = (np.abs(g).max(1) / np.float32(127)).astype(np.float32)
+        inv = np.where(d > 0, np.float32(1) / np.where(d > 0, d, np.float32(1)), np.float32(0)).astype(np.float32)
+        xq[:, cols] = np.round((g * inv[:, None]).astype(np.float32)).astype(np.float64) * d[:, None].astype(np.float64)
+    y = xq @ dequantize(t, with_act_scale=False).T
+    if bias is not None:
+        y = y + bias.double().numpy()[None, :]
+    return y

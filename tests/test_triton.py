@@ -232,3 +232,24 @@ def test_grouped_moe_kernel_matches_float64_reference(tokens, zero_point, act_sc
         expected = reference.linear(x[token:token + 1].cpu(), experts[expert])
         assert max_rel_err(y[p:p + 1].cpu(), expected) < TOL[torch.float16], (p, expert)
     torch.library.opcheck(torch.ops.awqtensor.int4_grouped_linear.default, args)
+
+
+@pytest.mark.parametrize("group_size", [32, 64, 128])
+@pytest.mark.parametrize("zero_point", [True, False])
+def test_w4a8_gemm_against_float64(group_size, zero_point):
+    """The Triton W4A8 GEMM (int8 tiles through tl.dot) against the float64 model of the
+    format, through F.linear: M = 70 rows (>= the switch's CUDA_MIN_M, not a multiple of
+    BLOCK_M), N = 40, K = 200 (padded in the last group), act_scale and bias."""
+    from awqtensor.ops import w4a8
+
+    t = triton_weight(N, K, torch.float32, group_size, zero_point, act_scale=True)._replace(activations="int8")
+    x = torch.randn(2, 35, K, device=DEVICE)
+    bias = torch.randn(N, device=DEVICE)
+    assert w4a8.reasons(70, x.device, group_size, t.packing_format)["w4a8"] is None
+    y = F.linear(x, t, bias)
+    expected = reference.w4a8_linear(x.cpu(), t.cpu(), bias.cpu())
+    assert max_rel_err(y.reshape(70, N).cpu(), torch.from_numpy(expected)) < 2e-6
+    # below the switch's threshold the same weight runs weight-only
+    small = torch.randn(3, K, device=DEVICE)
+    assert "M=3 <" in w4a8.reasons(3, x.device, group_size, t.packing_format)["w4a8"]
+    torch.testing.assert_close(F.linear(small, t), F.linear(small, t._replace(activations=None)), rtol=0, atol=0)

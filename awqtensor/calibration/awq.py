@@ -35,6 +35,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .. import quant
+from ..ops import w4a8
 from ..tensor import Int4AWQTensor
 from ..memory import file_backed, release_file_pages, release_freed_memory
 from .blocks import (StopForward, cast_floats, find_blocks, first_block_inputs, first_tensor, replay,
@@ -59,11 +60,11 @@ class _Capture:
     output) are recorded for the ``loss_batches``."""
 
     def __init__(self, block: nn.Module, mapping: Mapping, inputs, group_size: int, loss_batches: set[int],
-                 masks=None):
+                 masks=None, exact_lone: bool = True):
         masks = masks or [None] * len(inputs)
         first = block.get_submodule(mapping.linears[0])
         module = block.get_submodule(mapping.loss_module) if mapping.loss_module else block
-        self.lone = module is first and isinstance(first, nn.Linear) and _gram_is_smaller(
+        self.lone = exact_lone and module is first and isinstance(first, nn.Linear) and _gram_is_smaller(
             first, group_size, sum(_tokens(*inputs[i]) for i in loss_batches))
         self.records, self.stats = [], InputStats(group_size, full=self.lone)
         if self.lone:
@@ -187,16 +188,36 @@ def _calibrate_mapping(block, mapping: Mapping, inputs, masks, config, where: st
             starved.append(label)
             return None
         block, mapping, masks = expert, mapping.within(mapping.expert), None
-    capture = _Capture(block, mapping, inputs, gs, _loss_batches(inputs, config.search_tokens), masks)
+    # W4A8: the loss module runs with the Linears' inputs quantized as the format will (so
+    # a lone Linear's loss is not the weights-only closed form: it is run too).
+    capture = _Capture(block, mapping, inputs, gs, _loss_batches(inputs, config.search_tokens), masks,
+                       exact_lone=config.activations is None)
     originals = [lin.weight.detach().clone() for lin in linears]
+    trying = [None]  # the scale loss_with is scoring: the Linears read x / s, quantized
+
+    def quantized_input(_, args):
+        s = trying[0]
+        return (w4a8.fake_quantize_activations(args[0] / s, gs) * s, *args[1:])
+
+    hooks = [lin.register_forward_pre_hook(quantized_input) for lin in linears] if config.activations else []
+    try:
+        return _search_and_fold(block, mapping, linears, originals, capture, config, label, trying)
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+def _search_and_fold(block, mapping, linears, originals, capture, config, label, trying):
+    gs = config.group_size
     x_mean = (capture.stats.abs_sum / capture.stats.tokens).float()
     grams = (capture.stats.grams / capture.stats.tokens).float()
     if not (torch.isfinite(x_mean).all() and torch.isfinite(grams).all()):
         warnings.warn(f"{label}: NaN/Inf in the calibration activations; using scale 1 and no clipping "
-                      f"here (plain round-to-nearest)", stacklevel=4)
+                      f"here (plain round-to-nearest)", stacklevel=5)
         return None
 
     def loss_with(scaled: list[torch.Tensor], s: torch.Tensor) -> float:
+        trying[0] = s
         for lin, w in zip(linears, scaled):
             lin.weight.data = quant.fake_quantize(w, gs, config.zero_point) / s
         return capture.loss()
@@ -206,7 +227,7 @@ def _calibrate_mapping(block, mapping: Mapping, inputs, masks, config, where: st
         lambda s: loss_with([w * s for w in originals], s), x_mean, w_mean, config.n_grid, config.duo_scaling,
         screen_fn=lambda s: moment_loss(originals, grams, s, gs, config.zero_point), finalists=config.n_finalists)
     if not math.isfinite(after):
-        warnings.warn(f"{label}: no scale gave a finite loss; using scale 1", stacklevel=4)
+        warnings.warn(f"{label}: no scale gave a finite loss; using scale 1", stacklevel=5)
     scaled = [w * s for w in originals]
     if config.clip:
         grams = scaled_grams(grams, s)  # the Linears will read x / s
