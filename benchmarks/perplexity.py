@@ -17,6 +17,9 @@ the embedding) held in 8 bits (``awqtensor.quantize_head_``), column ``ppl_int8_
 on the CPU: ``fuse_``, then each window fed one token at a time through the C++ decode step
 (``awqtensor.native``; the int8 kernel at M = 1), column ``ppl_native_step``.
 
+``--methods rtn-w4a8 awq-w4a8``: W4A8 (``activations="int8"``), evaluated through the CPU's
+W4A8 GEMM at every M (the format's own arithmetic: int8 activations per row and group).
+
 ``--methods autoawq --autoawq-dir DIR`` loads AutoAWQ's own checkpoint with
 ``awqtensor.load_autoawq`` and evaluates it the same way; ``benchmarks/autoawq_reference.py``
 (its own environment) makes DIR.
@@ -40,10 +43,12 @@ import torch
 
 from awqtensor import awq_config, evaluation, fuse_, load_autoawq, quantize_, quantize_head_, rtn_config, smollm2
 from awqtensor.calibration import calibrate
+from awqtensor.ops import w4a8
 from awqtensor.api import select_linears
 from common import cpu_device, provenance
 
-METHODS = ("float", "rtn", "awq", "autoawq", "awq-two-step", "awq-float-propagation", "awq-noclip")
+METHODS = ("float", "rtn", "awq", "autoawq", "awq-two-step", "awq-float-propagation", "awq-noclip", "rtn-w4a8",
+           "awq-w4a8")
 
 
 def peak_rss_mb() -> float:
@@ -54,6 +59,7 @@ def run_one(args) -> dict:
     """Quantize with one method and evaluate; runs in a child process."""
     torch.set_num_threads(args.threads)
     model, tokenizer = smollm2.load(torch.float32)
+    activations = "int8" if args.method.endswith("-w4a8") else None
     t = time.perf_counter()
     if args.method == "autoawq":  # AutoAWQ's own checkpoint (benchmarks/autoawq_reference.py), its time and RSS
         if not args.autoawq_dir:
@@ -61,12 +67,12 @@ def run_one(args) -> dict:
         model = load_autoawq(args.autoawq_dir, dtype=torch.float32)
         made = json.loads((Path(args.autoawq_dir) / "benchmark.json").read_text())
         quantize_s, quantize_rss = made["quantize_s"], made["quantize_peak_rss_mb"]
-    elif args.method == "rtn":
-        quantize_(model, rtn_config(group_size=args.group_size))
+    elif args.method.startswith("rtn"):
+        quantize_(model, rtn_config(group_size=args.group_size, activations=activations))
     elif args.method.startswith("awq"):
         calib = evaluation.token_blocks(tokenizer, args.calib_text, args.seq_len, args.calib_blocks)
         config = awq_config(group_size=args.group_size, n_samples=args.calib_blocks, seq_len=args.seq_len,
-                            clip=args.method != "awq-noclip")
+                            clip=args.method != "awq-noclip", activations=activations)
         propagate = "float" if args.method == "awq-float-propagation" else "quantized"
         if args.method == "awq-two-step":  # prepare, the user's forwards, convert
             quantize_(model, awq_config(group_size=args.group_size, step="prepare"))
@@ -79,6 +85,8 @@ def run_one(args) -> dict:
     if args.method != "autoawq":
         quantize_s = time.perf_counter() - t
         quantize_rss = peak_rss_mb()  # before the evaluation text is tokenized (a ~400 MB transient)
+    if activations:  # every call through the W4A8 GEMM: the format's own arithmetic, exactly
+        w4a8.cpu_route(1, None)
     blocks = evaluation.token_blocks(tokenizer, args.eval_text, args.seq_len, args.windows)
     t = time.perf_counter()
     ppl = evaluation.perplexity(model, blocks, args.method)
@@ -157,6 +165,8 @@ def main():
         # matmul), as the reference protocol does; --cpu-kernel measures what the kernel adds.
         env = dict(os.environ)
         disable = "cpu_dense" if args.cpu_kernel and args.int8_only else None if args.cpu_kernel else "cpu_blocks"
+        if method.endswith("-w4a8"):  # the W4A8 GEMM is the exact arithmetic of that format
+            disable = None
         if disable:
             env["AWQTENSOR_DISABLE"] = ",".join(filter(None, [env.get("AWQTENSOR_DISABLE"), disable]))
         out = subprocess.run(child, check=True, capture_output=True, text=True, env=env).stdout

@@ -14,7 +14,7 @@ The switch (torchao 0.8's prefill idea): a call with M = numel / K rows (not
 the W4A8 GEMM, where it is compute-bound and int8 doubles the multiply rate; smaller
 calls, where the weight's bytes are the cost, run weight-only (the ``int4_linear`` op:
 on the CPU that kernel already reads int8 activations, per 32 columns). ``reasons(m,
-device)`` says which and why. Thresholds come from ``benchmarks/cpu_route.py --w4a8``
+device)`` says which and why. Thresholds come from ``benchmarks/w4a8_route.py``
 (CPU, per micro-kernel: a window of M) and are defaults, not measurements, on CUDA.
 
 Where no W4A8 GEMM serves a weight's layout and device, calls run weight-only, with one
@@ -35,12 +35,12 @@ from .. import packing
 MODES = (None, "int8")  # the ``activations=`` a config and an Int4AWQTensor take
 CPU_KERNELS = ("scalar", "avx2", "avx512_vnni", "amx")  # the CPU GEMM's micro-kernels, by code
 # The rows [min_m, max_m) where the CPU GEMM beats weight-only, per micro-kernel (None:
-# never; max None: no limit), measured by benchmarks/cpu_route.py --w4a8 on our AMX Xeon
+# never; max None: no limit), measured by benchmarks/w4a8_route.py on our AMX Xeon
 # (benchmarks/results/README.md). Above max_m torch's AMX-bf16 matmul (the weight-only
 # dense route) wins: the per-group fp32 rescale costs as much as AMX's int8 products.
 # AVX512-VNNI and AVX2 lost to weight-only at every M measured there (on CPUs without
 # native bf16 they may not: unmeasured, so off).
-CPU_WINDOW = {"amx": (16, 128), "avx512_vnni": (None, None), "avx2": (None, None), "scalar": (None, None)}
+CPU_WINDOW = {"amx": (16, 256), "avx512_vnni": (None, None), "avx2": (None, None), "scalar": (None, None)}
 # Not measured on a GPU yet: torchao's choice (every call of more than one token) would
 # send decode batches to int8 too; 64 keeps small batches on the weight-only GEMV/GEMM.
 CUDA_MIN_M = 64
