@@ -85,6 +85,10 @@ class AWQConfig(_Int4WeightConfig):
         too few tokens to estimate its activations. One warning says how many did.
     step: None runs calibration and conversion in one call; "prepare" and "convert"
     split them for users running their own forward passes in between.
+    base_config: a torchao per-module config (e.g. ``Int8WeightOnlyConfig()``): the search
+    scores every candidate with that config's own quantization, folds the scales, and
+    torchao's handler converts the Linears instead of awqtensor's int4 (one-call AWQ
+    only; no clipping; see awqtensor/calibration/torchao_base.py).
     """
 
     n_grid: int = 20
@@ -98,6 +102,7 @@ class AWQConfig(_Int4WeightConfig):
     search_tokens: Optional[int] = None
     min_expert_tokens: int = 32
     step: Optional[str] = None
+    base_config: Optional[AOBaseConfig] = None
 
     def __post_init__(self):
         super().__post_init__()
@@ -120,6 +125,15 @@ class AWQConfig(_Int4WeightConfig):
                              f"range clipping may cut; got {self.max_shrink!r}")
         if self.step not in AWQ_STEPS:
             raise ValueError(f"{owner}: step must be one of {AWQ_STEPS}, got {self.step!r}")
+        if self.base_config is not None:
+            from .calibration import torchao_base
+
+            torchao_base.check(self.base_config, owner)
+            if self.activations is not None:
+                raise ValueError(f"{owner}: activations= belongs to awqtensor's int4 format; with base_config "
+                                 f"the torchao config decides how activations are quantized")
+            if self.step is not None:
+                raise ValueError(f"{owner}: base_config runs in one call (step=None) with calibration_data")
 
 
 def rtn_config(group_size: int = 128, zero_point: bool = True, modules_to_not_convert=None,

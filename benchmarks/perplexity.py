@@ -20,6 +20,10 @@ on the CPU: ``fuse_``, then each window fed one token at a time through the C++ 
 ``--methods rtn-w4a8 awq-w4a8``: W4A8 (``activations="int8"``), evaluated through the CPU's
 W4A8 GEMM at every M (the format's own arithmetic: int8 activations per row and group).
 
+``--methods torchao awq-torchao --base-config NAME``: torchao's own config (``int8-weight-only``,
+``int8-dynamic``, ``int4-weight-only``, ``int8-dynamic-int4``; int4 in groups of --group-size)
+alone, and AWQ over it (``awq_config(base_config=...)``).
+
 ``--methods autoawq --autoawq-dir DIR`` loads AutoAWQ's own checkpoint with
 ``awqtensor.load_autoawq`` and evaluates it the same way; ``benchmarks/autoawq_reference.py``
 (its own environment) makes DIR.
@@ -48,7 +52,25 @@ from awqtensor.api import select_linears
 from common import cpu_device, provenance
 
 METHODS = ("float", "rtn", "awq", "autoawq", "awq-two-step", "awq-float-propagation", "awq-noclip", "rtn-w4a8",
-           "awq-w4a8")
+           "awq-w4a8", "torchao", "awq-torchao")
+
+
+def torchao_config(name: str, group_size: int):
+    """The torchao configs --base-config names (those that run on the CPU)."""
+    import torchao.quantization as tq
+    from torchao.quantization.granularity import PerGroup
+
+    configs = {
+        "int8-weight-only": lambda: tq.Int8WeightOnlyConfig(),
+        "int8-dynamic": lambda: tq.Int8DynamicActivationInt8WeightConfig(),
+        "int4-weight-only": lambda: tq.IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(group_size)),
+        "int8-dynamic-int4": lambda: tq.Int8DynamicActivationIntxWeightConfig(
+            weight_dtype=torch.int4, weight_granularity=PerGroup(group_size)),
+    }
+    return configs[name]()
+
+
+BASE_CONFIGS = ("int8-weight-only", "int8-dynamic", "int4-weight-only", "int8-dynamic-int4")
 
 
 def peak_rss_mb() -> float:
@@ -67,12 +89,18 @@ def run_one(args) -> dict:
         model = load_autoawq(args.autoawq_dir, dtype=torch.float32)
         made = json.loads((Path(args.autoawq_dir) / "benchmark.json").read_text())
         quantize_s, quantize_rss = made["quantize_s"], made["quantize_peak_rss_mb"]
+    elif args.method == "torchao":  # torchao's own quantize_, no AWQ
+        import torchao
+
+        torchao.quantization.quantize_(model.model, torchao_config(args.base_config, args.group_size))
     elif args.method.startswith("rtn"):
         quantize_(model, rtn_config(group_size=args.group_size, activations=activations))
     elif args.method.startswith("awq"):
         calib = evaluation.token_blocks(tokenizer, args.calib_text, args.seq_len, args.calib_blocks)
         config = awq_config(group_size=args.group_size, n_samples=args.calib_blocks, seq_len=args.seq_len,
-                            clip=args.method != "awq-noclip", activations=activations)
+                            clip=args.method not in ("awq-noclip", "awq-torchao"), activations=activations,
+                            base_config=torchao_config(args.base_config, args.group_size)
+                            if args.method == "awq-torchao" else None)
         propagate = "float" if args.method == "awq-float-propagation" else "quantized"
         if args.method == "awq-two-step":  # prepare, the user's forwards, convert
             quantize_(model, awq_config(group_size=args.group_size, step="prepare"))
@@ -90,7 +118,8 @@ def run_one(args) -> dict:
     blocks = evaluation.token_blocks(tokenizer, args.eval_text, args.seq_len, args.windows)
     t = time.perf_counter()
     ppl = evaluation.perplexity(model, blocks, args.method)
-    row = {"method": args.method, "group_size": args.group_size, "ppl": ppl, "quantize_s": quantize_s,
+    label = f"{args.method}[{args.base_config}]" if "torchao" in args.method else args.method
+    row = {"method": label, "group_size": args.group_size, "ppl": ppl, "quantize_s": quantize_s,
            "quantize_peak_rss_mb": quantize_rss, "eval_s": time.perf_counter() - t}
     if args.int8_head:
         quantize_head_(model)
@@ -138,6 +167,8 @@ def main():
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=["float", "rtn", "awq"])
+    parser.add_argument("--base-config", choices=BASE_CONFIGS, default="int4-weight-only",
+                        help="for --methods torchao awq-torchao: the torchao config (group size: --group-size)")
     parser.add_argument("--autoawq-dir", help="for --methods autoawq: benchmarks/autoawq_reference.py's --out")
     parser.add_argument("--method", help=argparse.SUPPRESS)  # child process: run one method, print JSON
     parser.add_argument("--cpu-kernel", action="store_true",

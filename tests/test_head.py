@@ -91,7 +91,10 @@ def test_compiled_forward_matches_eager():
         eager = model(ids).logits
         compiled = torch.compile(model, fullgraph=True)(ids).logits
     torch._dynamo.reset()
-    assert torch.allclose(compiled, eager, rtol=1e-4, atol=1e-4)
+    # Compiled RMSNorms round some inputs an ulp differently, which can flip an int8
+    # activation code in the CPU kernel (one step is 1/127 of its block's absmax): on the
+    # AMX Xeon that moves a logit by ~4e-4. Anything wrong in the graph moves far more.
+    torch.testing.assert_close(compiled, eager, rtol=0, atol=2e-3 * eager.abs().max().item())
 
 
 def test_bf16_move():

@@ -213,3 +213,88 @@ def test_awq_scores_with_int8_activations(monkeypatch):
         reference_logits = tiny_llama()(x).logits
         err = (model(x).logits - reference_logits).norm() / reference_logits.norm()
     assert err < 0.2
+
+
+# ---- AWQ over torchao's own configs (awq_config(base_config=...)) ----
+
+def _torchao_configs():
+    import torchao.quantization as tq
+    from torchao.quantization.granularity import PerGroup
+
+    return [tq.Int8WeightOnlyConfig(), tq.Int8DynamicActivationInt8WeightConfig(),
+            tq.IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(32))]
+
+
+@pytest.mark.parametrize("index", [0, 1, 2], ids=["int8-weight-only", "int8-dynamic", "int4-weight-only"])
+def test_awq_over_torchao_config(index):
+    """Scored with the config's own quantization, folded, converted by torchao's handler:
+    the Linears hold torchao's tensor, scales were chosen and folded into the norms, and
+    the output error on held-out tokens stays near the config alone's (a random tiny
+    model says nothing of quality: SmolLM2's perplexity rows do, benchmarks/perplexity.py)."""
+    import torchao
+
+    base = _torchao_configs()[index]
+    data, held = torch.randint(0, 320, (8, 32)), torch.randint(0, 320, (4, 48))
+    with torch.no_grad():
+        reference_logits = tiny_llama()(held).logits
+    plain = tiny_llama()
+    torchao.quantization.quantize_(plain.model, base)
+    model = tiny_llama()
+    with pytest.warns(UserWarning, match="keep AWQ scale 1 under") as caught:  # GQA: o_proj cannot fold
+        quantize_(model, awq_config(32, n_samples=8, seq_len=32, n_grid=8, base_config=base), calibration_data=data)
+    assert sum("keep AWQ scale 1" in str(w.message) for w in caught) == 1
+    for linear in (model.model.layers[0].self_attn.q_proj, model.model.layers[1].mlp.down_proj):
+        assert type(linear.weight) is type(plain.model.layers[0].self_attn.q_proj.weight)
+    assert not isinstance(model.lm_head.weight, Int4AWQTensor)
+    with torch.no_grad():
+        err_plain = (plain(held).logits - reference_logits).norm() / reference_logits.norm()
+        err_awq = (model(held).logits - reference_logits).norm() / reference_logits.norm()
+    assert err_awq <= 1.25 * err_plain, (err_awq, err_plain)
+    folded = [not torch.equal(a.input_layernorm.weight, b.input_layernorm.weight)
+              for a, b in zip(model.model.layers, plain.model.layers)]
+    assert any(folded)
+
+
+def test_base_config_bad_input():
+    import torchao.quantization as tq
+    from torchao.core.config import AOBaseConfig
+    from torchao.quantization.granularity import PerGroup
+
+    with pytest.raises(TypeError, match="base_config must be a torchao AOBaseConfig"):
+        awq_config(64, base_config="int8")
+    with pytest.raises(ValueError, match="leave base_config out"):
+        awq_config(64, base_config=rtn_config(64))
+    with pytest.raises(ValueError, match="no per-module handler"):
+        awq_config(64, base_config=tq.FqnToConfig({}))
+
+    class Unregistered(AOBaseConfig):
+        pass
+
+    with pytest.raises(ValueError, match="no per-module handler for Unregistered"):
+        awq_config(64, base_config=Unregistered())
+    with pytest.raises(ValueError, match="activations= belongs"):
+        awq_config(64, activations="int8", base_config=tq.Int8WeightOnlyConfig())
+    with pytest.raises(ValueError, match="one call"):
+        awq_config(64, step="prepare", base_config=tq.Int8WeightOnlyConfig())
+    # a config that cannot take a shape: named, before anything is converted
+    model = tiny_llama()
+    before = {n: p.clone() for n, p in model.named_parameters()}
+    bad = tq.IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(64))  # 96 % 64 != 0
+    with pytest.raises(ValueError, match=r"cannot quantize model\.layers\.0\.self_attn\.q_proj \(\[96, 96\]"):
+        quantize_(model, awq_config(32, n_samples=2, seq_len=16, base_config=bad),
+                  calibration_data=torch.randint(0, 320, (2, 16)))
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
+def test_fqn_mix_of_ours_and_torchao():
+    import torchao
+    import torchao.quantization as tq
+
+    model = tiny_llama()
+    mix = tq.FqnToConfig({"model.layers.0.mlp.up_proj": rtn_config(32, activations="int8"),
+                          "model.layers.1.mlp.up_proj": tq.Int8WeightOnlyConfig()})
+    torchao.quantization.quantize_(model, mix, filter_fn=None)
+    assert model.model.layers[0].mlp.up_proj.weight.activations == "int8"
+    assert type(model.model.layers[1].mlp.up_proj.weight).__name__ == "Int8Tensor"
+    with torch.no_grad():
+        model(torch.randint(0, 320, (1, 20)))

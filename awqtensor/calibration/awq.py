@@ -41,6 +41,7 @@ from ..memory import file_backed, release_file_pages, release_freed_memory
 from .blocks import (StopForward, cast_floats, find_blocks, first_block_inputs, first_tensor, replay,
                      run_block)
 from .data import calibration_batches, real_tokens, token_mask
+from . import torchao_base
 from .mappings import Mapping, apply_fold, discover
 from .observe import InputStats
 from .search import (clip_weight, moment_loss, scaled_grams, search_clip, search_scale,
@@ -171,12 +172,13 @@ def _tokens_of_expert(block, expert: str, inputs, masks, routed: dict):
 
 
 def _calibrate_mapping(block, mapping: Mapping, inputs, masks, config, where: str, starved: list,
-                       routed: dict | None = None):
+                       routed: dict | None = None, unscaled: list | None = None):
     """Search, clip and fold one mapping in place; returns the scale the Linears must keep
     as act_scale (1/s) when nothing could fold it, else None. A routed expert's mapping is
     calibrated on that expert alone, fed the tokens routed to it (``routed`` caches the
     experts' inputs); one that saw fewer than ``config.min_expert_tokens`` tokens is left
-    as it is (round-to-nearest) and its label appended to ``starved``."""
+    as it is (round-to-nearest) and its label appended to ``starved``. With a torchao
+    ``base_config``, a mapping nothing can fold keeps scale 1 and is appended to ``unscaled``."""
     linears = [block.get_submodule(n) for n in mapping.linears]
     gs = config.group_size
     label = f"{where}{'{' + ','.join(mapping.linears) + '}' if len(linears) > 1 else mapping.linears[0]}"
@@ -188,10 +190,14 @@ def _calibrate_mapping(block, mapping: Mapping, inputs, masks, config, where: st
             starved.append(label)
             return None
         block, mapping, masks = expert, mapping.within(mapping.expert), None
+    base = config.base_config
+    if base is not None and mapping.fold == "act_scale":  # torchao's tensors cannot pre-scale their input
+        unscaled.append(f"{label} ({mapping.reason or 'no producer found'})")
+        return None
     # W4A8: the loss module runs with the Linears' inputs quantized as the format will (so
     # a lone Linear's loss is not the weights-only closed form: it is run too).
     capture = _Capture(block, mapping, inputs, gs, _loss_batches(inputs, config.search_tokens), masks,
-                       exact_lone=config.activations is None)
+                       exact_lone=config.activations is None and base is None)
     originals = [lin.weight.detach().clone() for lin in linears]
     trying = [None]  # the scale loss_with is scoring: the Linears read x / s, quantized
 
@@ -199,7 +205,11 @@ def _calibrate_mapping(block, mapping: Mapping, inputs, masks, config, where: st
         s = trying[0]
         return (w4a8.fake_quantize_activations(args[0] / s, gs) * s, *args[1:])
 
-    hooks = [lin.register_forward_pre_hook(quantized_input) for lin in linears] if config.activations else []
+    def scaled_input(_, args):  # a torchao weight holds Q(W * s): it must read x / s
+        return (args[0] / trying[0], *args[1:])
+
+    hook = scaled_input if base is not None else quantized_input if config.activations else None
+    hooks = [lin.register_forward_pre_hook(hook) for lin in linears] if hook else []
     try:
         return _search_and_fold(block, mapping, linears, originals, capture, config, label, trying)
     finally:
@@ -216,20 +226,27 @@ def _search_and_fold(block, mapping, linears, originals, capture, config, label,
                       f"here (plain round-to-nearest)", stacklevel=5)
         return None
 
+    base = config.base_config
+
     def loss_with(scaled: list[torch.Tensor], s: torch.Tensor) -> float:
         trying[0] = s
         for lin, w in zip(linears, scaled):
-            lin.weight.data = quant.fake_quantize(w, gs, config.zero_point) / s
+            if base is not None:  # the config's own tensor of W * s; the hook divides x by s
+                lin.weight = nn.Parameter(torchao_base.quantized_weight(w, base), requires_grad=False)
+            else:
+                lin.weight.data = quant.fake_quantize(w, gs, config.zero_point) / s
         return capture.loss()
 
     w_mean = weight_profile(originals, gs)
+    fake = (lambda ws: torchao_base.fake_quantize(ws, base)) if base is not None else None
     s, choice, before, after = search_scale(
         lambda s: loss_with([w * s for w in originals], s), x_mean, w_mean, config.n_grid, config.duo_scaling,
-        screen_fn=lambda s: moment_loss(originals, grams, s, gs, config.zero_point), finalists=config.n_finalists)
+        screen_fn=lambda s: moment_loss(originals, grams, s, gs, config.zero_point, fake),
+        finalists=config.n_finalists)
     if not math.isfinite(after):
         warnings.warn(f"{label}: no scale gave a finite loss; using scale 1", stacklevel=5)
     scaled = [w * s for w in originals]
-    if config.clip:
+    if config.clip and base is None:  # clipping searches the int4 grid
         grams = scaled_grams(grams, s)  # the Linears will read x / s
         for i, w in enumerate(scaled):
             lo, hi = search_clip(w, grams, gs, config.zero_point, config.max_shrink, config.n_clip_grid)
@@ -242,7 +259,10 @@ def _search_and_fold(block, mapping, linears, originals, capture, config, label,
                 log.debug("%s: clipping %s skipped (loss %.4g vs %.4g)", label, mapping.linears[i], clipped_loss, after)
     log.debug("%s: loss %.4g -> %.4g (%s)", label, before, after, choice)
     for lin, w in zip(linears, scaled):
-        lin.weight.data = w / s if mapping.fold == "act_scale" else w
+        if base is not None:
+            lin.weight = nn.Parameter(w, requires_grad=False)
+        else:
+            lin.weight.data = w / s if mapping.fold == "act_scale" else w
     apply_fold(block, mapping, s)
     return s if mapping.fold == "act_scale" else None
 
@@ -251,6 +271,8 @@ def calibrate(model: nn.Module, config, selected, calibration_data, tokenizer=No
     """Run AWQ on ``model`` and convert the ``selected`` [(name, Linear)] in place."""
     if propagate not in PROPAGATE:
         raise ValueError(f"propagate must be one of {PROPAGATE}, got {propagate!r}")
+    if config.base_config is not None:  # before anything changes: every shape must suit the config
+        torchao_base.probe(selected, config.base_config)
     names = {id(m): n for n, m in selected}
     try:  # to catch ids from another tokenizer before they index past the embedding table
         vocab = model.get_input_embeddings().num_embeddings
@@ -261,7 +283,7 @@ def calibrate(model: nn.Module, config, selected, calibration_data, tokenizer=No
     masks = [token_mask(batch) for batch in batches]
     with torch.no_grad():
         inputs = cast_floats(first_block_inputs(model, blocks[0], batches), torch.float32)
-    done, discovered, starved = set(), {}, []
+    done, discovered, starved, unscaled = set(), {}, [], []
     for index, block in enumerate(tqdm(blocks, desc="AWQ", unit="block", disable=None)):
         where = f"{prefix}.{index}." if prefix else ""
         block_linears = [(n, m) for n, m in block.named_modules() if id(m) in names]
@@ -280,13 +302,17 @@ def calibrate(model: nn.Module, config, selected, calibration_data, tokenizer=No
                 float_outputs = run_block(block, inputs, torch.float32)
             act_scales, routed = {}, {}
             for mapping in discovered[key]:
-                s = _calibrate_mapping(block, mapping, inputs, masks, config, where, starved, routed)
+                s = _calibrate_mapping(block, mapping, inputs, masks, config, where, starved, routed, unscaled)
                 release_freed_memory()
                 for n in mapping.linears:
                     act_scales[n] = s
             block.to(dtype)
             for n, linear in block_linears:
                 s = act_scales.get(n)
+                if config.base_config is not None:  # torchao's handler converts the folded float Linear
+                    torchao_base.quantize_linear(linear, config.base_config)
+                    done.add(id(linear))
+                    continue
                 weight = linear.weight.detach()
                 if s is not None:
                     weight = (weight.float() * s).to(dtype)
@@ -302,6 +328,10 @@ def calibrate(model: nn.Module, config, selected, calibration_data, tokenizer=No
         release_file_pages(mapped)
         del mapped
         release_freed_memory()
+    if unscaled:
+        name = type(config.base_config).__name__
+        warnings.warn(f"{len(unscaled)} Linear groups keep AWQ scale 1 under {name}: nothing can fold their "
+                      f"scale and {name}'s tensors cannot pre-scale their input ({unscaled[0]}, ...)", stacklevel=3)
     if starved:
         warnings.warn(f"{len(starved)} expert Linear groups saw fewer than min_expert_tokens="
                       f"{config.min_expert_tokens} calibration tokens ({starved[0]}, ...); they are quantized "
@@ -312,6 +342,9 @@ def calibrate(model: nn.Module, config, selected, calibration_data, tokenizer=No
         warnings.warn(f"{len(rest)} Linears lie outside the calibrated blocks ({rest[0][0]}, ...); they are "
                       f"quantized round-to-nearest", stacklevel=3)
         for name, linear in rest:
+            if config.base_config is not None:
+                torchao_base.quantize_linear(linear, config.base_config)
+                continue
             linear.weight = nn.Parameter(Int4AWQTensor.from_float(
                 linear.weight.detach(), config.group_size, config.zero_point, name=f"{name}.weight",
                 activations=config.activations), requires_grad=False)

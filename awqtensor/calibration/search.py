@@ -83,14 +83,16 @@ def scaled_grams(grams: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
 
 
 def moment_loss(weights: list[torch.Tensor], grams: torch.Tensor, s: torch.Tensor, group_size: int,
-                zero_point: bool) -> float:
+                zero_point: bool, fake_quantize=None) -> float:
     """Σ over the Linears of their output error with scale ``s``, ``Σ_g e_g Σ_g e_gᵀ`` in
     the scaled frame, from per-group second moments: every token counts, none is stored.
-    Cross-group terms are left out (independent rounding errors average them away)."""
+    Cross-group terms are left out (independent rounding errors average them away).
+    ``fake_quantize(w)``: another format's weight quantization (default: int4)."""
     g, size, total = scaled_grams(grams, s), grams.shape[-1], 0.0
+    fake_quantize = fake_quantize or (lambda ws: quant.fake_quantize(ws, group_size, zero_point))
     for w in weights:
         ws = w.float() * s
-        e = quant._grouped(quant.fake_quantize(ws, group_size, zero_point) - ws, size)
+        e = quant._grouped(fake_quantize(ws) - ws, size)
         total += torch.einsum("ngi,gij,ngj->", e, g, e).item()
     return total
 
