@@ -88,7 +88,8 @@ class AWQConfig(_Int4WeightConfig):
     base_config: a torchao per-module config (e.g. ``Int8WeightOnlyConfig()``): the search
     scores every candidate with that config's own quantization, folds the scales, and
     torchao's handler converts the Linears instead of awqtensor's int4 (one-call AWQ
-    only; no clipping; see awqtensor/calibration/torchao_base.py).
+    only; clipping only for configs quantizing in groups of group_size; see
+    awqtensor/calibration/torchao_base.py).
     """
 
     n_grid: int = 20

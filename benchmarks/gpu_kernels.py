@@ -7,7 +7,8 @@
 Shapes (N x K, Llama-3-8B): 4096x4096 (q/o), 6144x4096 (fused q/k/v), 28672x4096 (fused
 gate/up), 4096x14336 (down). M in 1 .. 4096. Methods: fp16 and bf16 ``torch.matmul``,
 ``aten._weight_int4pack_mm`` (tinygemm, bf16), and awqtensor's ``gemv``, ``gemm`` and
-``dequantize_matmul`` forced one at a time, plus ``auto`` (what the dispatcher picks).
+``dequantize_matmul`` forced one at a time, plus ``auto`` (what the dispatcher picks), and
+the W4A8 GEMM (``triton_w4a8.py``: int8 activations) forced at every M.
 Output: ``benchmarks/results/gpu_kernels_<device>.csv`` with columns including ``M`` and
 ``speedup`` (vs fp16 in the same run), and a PNG of speedup against M per shape.
 With ``--write-thresholds`` the largest M where gemv beats gemm, and where gemm beats
@@ -104,6 +105,9 @@ def main():
                     os.environ["AWQTENSOR_DISABLE"] = ",".join(x for x in ("gemv", "gemm") if x != kernel)
                     times[f"awq {kernel} {label}"] = bench(lambda: torch.nn.functional.linear(xd, t))
                     os.environ.pop("AWQTENSOR_DISABLE")
+                # W4A8 (issue 19): int8 activations, forced at every M (the switch sends M >= CUDA_MIN_M)
+                times[f"awq w4a8 {label}"] = bench(lambda: gpu.w4a8_linear(xd, t.qweight, t.scales, t.zeros, None,
+                                                                           None, gs))
             weight_bytes = {"fp16": n * k * 2, "int4": n * k // 2 + n * (k // gs) * 3}
             for method, ms_ in times.items():
                 int4 = method.startswith(("awq", "tinygemm"))

@@ -98,7 +98,7 @@ def run_one(args) -> dict:
     elif args.method.startswith("awq"):
         calib = evaluation.token_blocks(tokenizer, args.calib_text, args.seq_len, args.calib_blocks)
         config = awq_config(group_size=args.group_size, n_samples=args.calib_blocks, seq_len=args.seq_len,
-                            clip=args.method not in ("awq-noclip", "awq-torchao"), activations=activations,
+                            clip=args.method != "awq-noclip", activations=activations,
                             base_config=torchao_config(args.base_config, args.group_size)
                             if args.method == "awq-torchao" else None)
         propagate = "float" if args.method == "awq-float-propagation" else "quantized"

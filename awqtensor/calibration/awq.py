@@ -44,7 +44,7 @@ from .data import calibration_batches, real_tokens, token_mask
 from . import torchao_base
 from .mappings import Mapping, apply_fold, discover
 from .observe import InputStats
-from .search import (clip_weight, moment_loss, scaled_grams, search_clip, search_scale,
+from .search import (clip_weight, moment_loss, scaled_grams, search_clip, search_clip_with, search_scale,
                      weight_profile)
 
 log = logging.getLogger("awqtensor")
@@ -246,12 +246,15 @@ def _search_and_fold(block, mapping, linears, originals, capture, config, label,
     if not math.isfinite(after):
         warnings.warn(f"{label}: no scale gave a finite loss; using scale 1", stacklevel=5)
     scaled = [w * s for w in originals]
-    if config.clip and base is None:  # clipping searches the int4 grid
+    if config.clip and (base is None or torchao_base.group_wise(base, gs)):
         grams = scaled_grams(grams, s)  # the Linears will read x / s
         for i, w in enumerate(scaled):
-            lo, hi = search_clip(w, grams, gs, config.zero_point, config.max_shrink, config.n_clip_grid)
+            if base is None:
+                lo, hi = search_clip(w, grams, gs, config.zero_point, config.max_shrink, config.n_clip_grid)
+            else:  # the config's own grid; both ends of the range shrink together
+                lo, hi = search_clip_with(w, grams, gs, fake, config.max_shrink, config.n_clip_grid)
             trial = list(scaled)
-            trial[i] = clip_weight(w, lo, hi, gs, config.zero_point)
+            trial[i] = clip_weight(w, lo, hi, gs, config.zero_point or base is not None)
             clipped_loss = loss_with(trial, s)
             if clipped_loss < after:
                 scaled, after = trial, clipped_loss

@@ -148,6 +148,26 @@ def search_clip(w: torch.Tensor, grams: torch.Tensor, group_size: int, zero_poin
     return torch.cat(los), torch.cat(his)
 
 
+def search_clip_with(w: torch.Tensor, grams: torch.Tensor, group_size: int, fake_quantize, max_shrink: float,
+                     n_grid: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``search_clip`` for another format that quantizes each group of ``group_size`` on its
+    own (torchao's PerGroup configs): both ends of each (row, group) range shrink together,
+    every shrink scored on the whole weight through ``fake_quantize(w)``; per (row, group)
+    the best range (lo, hi), each [N, n_groups, 1]."""
+    n, k = w.shape
+    g = quant._grouped(w, group_size)
+    hi0, lo0 = g.amax(dim=-1, keepdim=True), g.amin(dim=-1, keepdim=True)
+    best = [torch.full(g.shape[:2] + (1,), math.inf), lo0, hi0]
+    for i in range(n_grid):
+        lo, hi = lo0 * (1 - max_shrink * i / n_grid), hi0 * (1 - max_shrink * i / n_grid)
+        clamped = torch.maximum(torch.minimum(g, hi), lo).reshape(n, -1)[:, :k]
+        e = quant._grouped(fake_quantize(clamped).float(), group_size) - g
+        err = torch.einsum("ngi,gij,ngj->ng", e, grams, e).unsqueeze(-1)
+        better = err < best[0]
+        best = [torch.where(better, err, best[0]), torch.where(better, lo, best[1]), torch.where(better, hi, best[2])]
+    return best[1], best[2]
+
+
 def clip_weight(w: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, group_size: int, zero_point: bool) -> torch.Tensor:
     """``w`` clamped per (row, group) to the searched range, [N, K] in w's dtype; its
     min/max then reproduce the range, so plain quantization applies the clipping."""

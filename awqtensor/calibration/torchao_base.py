@@ -5,7 +5,10 @@ quantized by the base config's own handler (its weights, and its activations whe
 quantizes them) reading ``x / s``; the scale is then folded into the producer and
 torchao's handler converts the scaled Linear. torchao's tensors cannot pre-scale their
 input, so a mapping whose scale nothing can absorb (``fold == "act_scale"``) keeps scale
-1, with one warning naming it. Clipping searches awqtensor's int4 grid, so it is off here.
+1, with one warning naming it. Clipping is searched, through the config's own weight
+quantization, when the config quantizes in groups of awq_config's group_size
+(``group_wise``: torchao's PerGroup); per-row configs get no clipping (a row's scale
+would depend on every group's range at once).
 """
 
 from __future__ import annotations
@@ -31,6 +34,15 @@ def check(base_config, owner: str = "AWQConfig") -> None:
     if type(base_config) not in _QUANTIZE_CONFIG_HANDLER:
         raise ValueError(f"{owner}: torchao has no per-module handler for {type(base_config).__name__} "
                          f"(mixes such as FqnToConfig hold per-module configs: pass one of those)")
+
+
+def group_wise(base_config, group_size: int) -> bool:
+    """Whether ``base_config`` quantizes weights in groups of ``group_size`` along K, each on
+    its own (torchao's PerGroup granularity): then clipping can be searched per group."""
+    from torchao.quantization.granularity import PerGroup
+
+    granularity = getattr(base_config, "granularity", None) or getattr(base_config, "weight_granularity", None)
+    return isinstance(granularity, PerGroup) and granularity.group_size == group_size
 
 
 def quantize_linear(linear: nn.Linear, base_config) -> nn.Linear:

@@ -266,27 +266,68 @@ AWQ_AMX static void amx_configure(int64_t kc) {
 
 AWQ_AMX static void amx_release() { _tile_release(); }
 
-AWQ_AMX static void dots_amx(const int8_t* codes, int64_t kc, const int8_t* xv, int64_t Kp, int64_t m0, int64_t k0,
-                             int64_t len, int32_t* C) {
-    _tile_zero(0);
-    _tile_zero(1);
-    _tile_zero(2);
-    _tile_zero(3);
-    for (int64_t k = k0; k < k0 + len; k += kc) {
-        _tile_loadd(4, code_at(codes, 0, k, kc), kc);
-        _tile_loadd(5, code_at(codes, 16, k, kc), kc);
-        _tile_loadd(6, xv_at(xv, m0, k / 4, Kp), 64);
-        _tile_loadd(7, xv_at(xv, m0 + 16, k / 4, Kp), 64);
-        _tile_dpbssd(0, 4, 6);
-        _tile_dpbssd(1, 4, 7);
-        _tile_dpbssd(2, 5, 6);
-        _tile_dpbssd(3, 5, 7);
+#endif
+
+#if AWQ_X86
+// The whole block with AMX, software-pipelined: per 16-row weight tile, the products of
+// group g + 1 go into one pair of C tiles while the pair holding group g is stored and
+// rescaled, so the tile unit never waits for the rescale (TDPBSSD's ~50-cycle latency and
+// the stores otherwise serialize every group). A tiles alternate (4, 5); B tiles are 6, 7.
+// The tile intrinsics take literal tile numbers (they are pasted into the assembly): one
+// function per pair, generated.
+#define AWQ_AMX_PAIR(ISSUE, STORE, C0, C1, A)                                                          \
+    AWQ_AMX static inline void ISSUE(const int8_t* codes, int64_t kc, const int8_t* xv, int64_t Kp,     \
+                                     int64_t nt, int64_t m0, int64_t k0, int64_t len) {                  \
+        _tile_zero(C0);                                                                                  \
+        _tile_zero(C1);                                                                                  \
+        for (int64_t k = k0; k < k0 + len; k += kc) {                                                    \
+            _tile_loadd(A, code_at(codes, nt * 16, k, kc), kc);                                          \
+            _tile_loadd(6, xv_at(xv, m0, k / 4, Kp), 64);                                                \
+            _tile_loadd(7, xv_at(xv, m0 + 16, k / 4, Kp), 64);                                           \
+            _tile_dpbssd(C0, A, 6);                                                                      \
+            _tile_dpbssd(C1, A, 7);                                                                      \
+        }                                                                                                \
+    }                                                                                                    \
+    AWQ_AMX static inline void STORE(int32_t* C) { /* C [16][32]: the two m tiles side by side */      \
+        _tile_stored(C0, C, kPanel * 4);                                                                 \
+        _tile_stored(C1, C + 16, kPanel * 4);                                                            \
     }
-    const int64_t cstride = kPanel * 4;
-    _tile_stored(0, C, cstride);
-    _tile_stored(1, C + 16, cstride);
-    _tile_stored(2, C + 16 * kPanel, cstride);
-    _tile_stored(3, C + 16 * kPanel + 16, cstride);
+AWQ_AMX_PAIR(amx_issue_a, amx_store_a, 0, 1, 4)
+AWQ_AMX_PAIR(amx_issue_b, amx_store_b, 2, 3, 5)
+
+// acc[n][m] (16 rows of 32) += C[n][m] * (s[n] * d[m]): rescale_avx512's arithmetic on half a block.
+AWQ_AMX static inline void rescale_rows16(const int32_t* C, const float* s, const float* d, float* acc) {
+    const __m512 d0 = _mm512_loadu_ps(d), d1 = _mm512_loadu_ps(d + 16);
+    for (int n = 0; n < 16; ++n) {
+        const __m512 sn = _mm512_set1_ps(s[n]);
+        float* a = acc + n * kPanel;
+        const __m512 c0 = _mm512_cvtepi32_ps(_mm512_loadu_si512(C + n * kPanel));
+        const __m512 c1 = _mm512_cvtepi32_ps(_mm512_loadu_si512(C + n * kPanel + 16));
+        _mm512_storeu_ps(a, _mm512_fmadd_ps(c0, _mm512_mul_ps(sn, d0), _mm512_loadu_ps(a)));
+        _mm512_storeu_ps(a + 16, _mm512_fmadd_ps(c1, _mm512_mul_ps(sn, d1), _mm512_loadu_ps(a + 16)));
+    }
+}
+
+// acc [32][32] = the block of output rows n (the panel) x activation rows m0 .. m0 + 31,
+// every group; scale [G][32], d at group g: d + g * Mp.
+AWQ_AMX static void block_amx(const int8_t* codes, int64_t kc, const int8_t* xv, int64_t Kp, int64_t m0, int64_t G,
+                              int64_t group_size, const float* scale, const float* d, int64_t Mp, float* acc) {
+    alignas(64) int32_t C[16 * kPanel];
+    for (int64_t nt = 0; nt < 2; ++nt) {
+        float* a = acc + nt * 16 * kPanel;
+        auto rescale = [&](int64_t g) { rescale_rows16(C, scale + g * kPanel + nt * 16, d + g * Mp, a); };
+        amx_issue_a(codes, kc, xv, Kp, nt, m0, 0, group_size);
+        for (int64_t g = 0; g < G; g += 2) {
+            if (g + 1 < G) amx_issue_b(codes, kc, xv, Kp, nt, m0, (g + 1) * group_size, group_size);
+            amx_store_a(C);
+            rescale(g);
+            if (g + 1 < G) {
+                if (g + 2 < G) amx_issue_a(codes, kc, xv, Kp, nt, m0, (g + 2) * group_size, group_size);
+                amx_store_b(C);
+                rescale(g + 1);
+            }
+        }
+    }
 }
 #endif
 
@@ -366,16 +407,18 @@ static void gemm_panels(const Gemm& p, int64_t p0, int64_t p1) {
         }
         for (int64_t m0 = 0; m0 < p.Mp; m0 += kPanel) {
             std::fill(acc.begin(), acc.end(), 0.0f);
+#if AWQ_X86
+            if (p.kernel == GEMM_AMX)
+                block_amx(codes.data(), p.kc, p.xv, p.Kp, m0, p.G, p.group_size, scale.data(), p.d + m0, p.Mp,
+                          acc.data());
+            else
+#endif
             for (int64_t g = 0; g < p.G; ++g) {
                 const int64_t k0 = g * p.group_size;
                 const int32_t* ws = wsum.data() + g * kPanel;
                 const float *s = scale.data() + g * kPanel, *d = p.d + g * p.Mp + m0;
                 switch (p.kernel) {
 #if AWQ_X86
-                    case GEMM_AMX:
-                        dots_amx(codes.data(), p.kc, p.xv, p.Kp, m0, k0, p.group_size, C);
-                        rescale_avx512(C, s, d, acc.data());
-                        break;
                     case GEMM_AVX512_VNNI:
                         dots_vnni512(codes.data(), p.kc, p.xv, p.Kp, m0, k0, p.group_size, ws, C);
                         rescale_avx512(C, s, d, acc.data());
