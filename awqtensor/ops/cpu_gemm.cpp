@@ -145,27 +145,53 @@ static void unpack_row_scalar(const uint8_t* row, int64_t G, int64_t group_size,
 }
 
 #if AWQ_X86
+// Headers 8 groups at a time (one vector division for their zero points), then the codes;
+// the codes' sums only where a micro-kernel needs them (`wsum` non-null). The same values
+// as unpack_row_scalar.
 AWQ_AVX2 static void unpack_row_avx2(const uint8_t* row, int64_t G, int64_t group_size, int64_t kc, int8_t* codes,
                                      float* scale, int32_t* wsum, int64_t stride) {
-    const int64_t nb = group_size / 32;
+    const int64_t nb = group_size / 32, group_bytes = 8 + 16 * nb;
     const __m128i low = _mm_set1_epi8(15);
-    for (int64_t g = 0; g < G; ++g) {
-        const uint8_t* at = row + g * (8 + 16 * nb);
-        float s, sz;
-        std::memcpy(&s, at, 4);
-        std::memcpy(&sz, at + 4, 4);
-        const int z = zero_of(s, sz);
-        const __m256i zv = _mm256_set1_epi8((char)z);
-        __m256i total = _mm256_setzero_si256();
-        for (int64_t b = 0; b < nb; ++b) {
-            const __m128i v = _mm_loadu_si128((const __m128i*)(at + 8 + 16 * b));
-            const __m256i q = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(v, 4), low), _mm_and_si128(v, low));
-            total = _mm256_add_epi64(total, _mm256_sad_epu8(q, _mm256_setzero_si256()));
-            _mm256_storeu_si256((__m256i*)code_at(codes, 0, g * group_size + 32 * b, kc), _mm256_sub_epi8(q, zv));
+    const __m256i offsets = _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
+                                               _mm256_set1_epi32((int)group_bytes));
+    alignas(32) int32_t zeros[8];
+    alignas(32) float scales[8];
+    for (int64_t g0 = 0; g0 < G; g0 += 8) {
+        const int64_t count = std::min<int64_t>(8, G - g0);
+        if (count == 8) {
+            const float* base = (const float*)(row + g0 * group_bytes);
+            const __m256 sv = _mm256_i32gather_ps(base, offsets, 1);
+            const __m256 szv = _mm256_i32gather_ps(base + 1, offsets, 1);
+            const __m256 nonzero = _mm256_cmp_ps(sv, _mm256_setzero_ps(), _CMP_NEQ_OQ);
+            const __m256 ratio = _mm256_and_ps(_mm256_div_ps(szv, sv), nonzero);
+            _mm256_store_si256((__m256i*)zeros, _mm256_cvtps_epi32(ratio));  // nearest even, as nearbyint
+            _mm256_store_ps(scales, sv);
+        } else {
+            for (int64_t i = 0; i < count; ++i) {
+                float sg, szg;
+                std::memcpy(&sg, row + (g0 + i) * group_bytes, 4);
+                std::memcpy(&szg, row + (g0 + i) * group_bytes + 4, 4);
+                zeros[i] = zero_of(sg, szg);
+                scales[i] = sg;
+            }
         }
-        const __m128i t = _mm_add_epi64(_mm256_castsi256_si128(total), _mm256_extracti128_si256(total, 1));
-        scale[g * stride] = s;
-        wsum[g * stride] = (int32_t)(_mm_cvtsi128_si64(t) + _mm_extract_epi64(t, 1)) - z * (int32_t)group_size;
+        for (int64_t i = 0; i < count; ++i) {
+            const int64_t g = g0 + i;
+            const uint8_t* at = row + g * group_bytes;
+            const __m256i zv = _mm256_set1_epi8((char)zeros[i]);
+            __m256i total = _mm256_setzero_si256();
+            for (int64_t b = 0; b < nb; ++b) {
+                const __m128i v = _mm_loadu_si128((const __m128i*)(at + 8 + 16 * b));
+                const __m256i q = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(v, 4), low), _mm_and_si128(v, low));
+                if (wsum) total = _mm256_add_epi64(total, _mm256_sad_epu8(q, _mm256_setzero_si256()));
+                _mm256_storeu_si256((__m256i*)code_at(codes, 0, g * group_size + 32 * b, kc), _mm256_sub_epi8(q, zv));
+            }
+            scale[g * stride] = scales[i];
+            if (wsum) {
+                const __m128i t = _mm_add_epi64(_mm256_castsi256_si128(total), _mm256_extracti128_si256(total, 1));
+                wsum[g * stride] = (int32_t)(_mm_cvtsi128_si64(t) + _mm_extract_epi64(t, 1)) - zeros[i] * (int32_t)group_size;
+            }
+        }
     }
 }
 #endif
@@ -266,68 +292,27 @@ AWQ_AMX static void amx_configure(int64_t kc) {
 
 AWQ_AMX static void amx_release() { _tile_release(); }
 
-#endif
-
-#if AWQ_X86
-// The whole block with AMX, software-pipelined: per 16-row weight tile, the products of
-// group g + 1 go into one pair of C tiles while the pair holding group g is stored and
-// rescaled, so the tile unit never waits for the rescale (TDPBSSD's ~50-cycle latency and
-// the stores otherwise serialize every group). A tiles alternate (4, 5); B tiles are 6, 7.
-// The tile intrinsics take literal tile numbers (they are pasted into the assembly): one
-// function per pair, generated.
-#define AWQ_AMX_PAIR(ISSUE, STORE, C0, C1, A)                                                          \
-    AWQ_AMX static inline void ISSUE(const int8_t* codes, int64_t kc, const int8_t* xv, int64_t Kp,     \
-                                     int64_t nt, int64_t m0, int64_t k0, int64_t len) {                  \
-        _tile_zero(C0);                                                                                  \
-        _tile_zero(C1);                                                                                  \
-        for (int64_t k = k0; k < k0 + len; k += kc) {                                                    \
-            _tile_loadd(A, code_at(codes, nt * 16, k, kc), kc);                                          \
-            _tile_loadd(6, xv_at(xv, m0, k / 4, Kp), 64);                                                \
-            _tile_loadd(7, xv_at(xv, m0 + 16, k / 4, Kp), 64);                                           \
-            _tile_dpbssd(C0, A, 6);                                                                      \
-            _tile_dpbssd(C1, A, 7);                                                                      \
-        }                                                                                                \
-    }                                                                                                    \
-    AWQ_AMX static inline void STORE(int32_t* C) { /* C [16][32]: the two m tiles side by side */      \
-        _tile_stored(C0, C, kPanel * 4);                                                                 \
-        _tile_stored(C1, C + 16, kPanel * 4);                                                            \
+AWQ_AMX static void dots_amx(const int8_t* codes, int64_t kc, const int8_t* xv, int64_t Kp, int64_t m0, int64_t k0,
+                             int64_t len, int32_t* C) {
+    _tile_zero(0);
+    _tile_zero(1);
+    _tile_zero(2);
+    _tile_zero(3);
+    for (int64_t k = k0; k < k0 + len; k += kc) {
+        _tile_loadd(4, code_at(codes, 0, k, kc), kc);
+        _tile_loadd(5, code_at(codes, 16, k, kc), kc);
+        _tile_loadd(6, xv_at(xv, m0, k / 4, Kp), 64);
+        _tile_loadd(7, xv_at(xv, m0 + 16, k / 4, Kp), 64);
+        _tile_dpbssd(0, 4, 6);
+        _tile_dpbssd(1, 4, 7);
+        _tile_dpbssd(2, 5, 6);
+        _tile_dpbssd(3, 5, 7);
     }
-AWQ_AMX_PAIR(amx_issue_a, amx_store_a, 0, 1, 4)
-AWQ_AMX_PAIR(amx_issue_b, amx_store_b, 2, 3, 5)
-
-// acc[n][m] (16 rows of 32) += C[n][m] * (s[n] * d[m]): rescale_avx512's arithmetic on half a block.
-AWQ_AMX static inline void rescale_rows16(const int32_t* C, const float* s, const float* d, float* acc) {
-    const __m512 d0 = _mm512_loadu_ps(d), d1 = _mm512_loadu_ps(d + 16);
-    for (int n = 0; n < 16; ++n) {
-        const __m512 sn = _mm512_set1_ps(s[n]);
-        float* a = acc + n * kPanel;
-        const __m512 c0 = _mm512_cvtepi32_ps(_mm512_loadu_si512(C + n * kPanel));
-        const __m512 c1 = _mm512_cvtepi32_ps(_mm512_loadu_si512(C + n * kPanel + 16));
-        _mm512_storeu_ps(a, _mm512_fmadd_ps(c0, _mm512_mul_ps(sn, d0), _mm512_loadu_ps(a)));
-        _mm512_storeu_ps(a + 16, _mm512_fmadd_ps(c1, _mm512_mul_ps(sn, d1), _mm512_loadu_ps(a + 16)));
-    }
-}
-
-// acc [32][32] = the block of output rows n (the panel) x activation rows m0 .. m0 + 31,
-// every group; scale [G][32], d at group g: d + g * Mp.
-AWQ_AMX static void block_amx(const int8_t* codes, int64_t kc, const int8_t* xv, int64_t Kp, int64_t m0, int64_t G,
-                              int64_t group_size, const float* scale, const float* d, int64_t Mp, float* acc) {
-    alignas(64) int32_t C[16 * kPanel];
-    for (int64_t nt = 0; nt < 2; ++nt) {
-        float* a = acc + nt * 16 * kPanel;
-        auto rescale = [&](int64_t g) { rescale_rows16(C, scale + g * kPanel + nt * 16, d + g * Mp, a); };
-        amx_issue_a(codes, kc, xv, Kp, nt, m0, 0, group_size);
-        for (int64_t g = 0; g < G; g += 2) {
-            if (g + 1 < G) amx_issue_b(codes, kc, xv, Kp, nt, m0, (g + 1) * group_size, group_size);
-            amx_store_a(C);
-            rescale(g);
-            if (g + 1 < G) {
-                if (g + 2 < G) amx_issue_a(codes, kc, xv, Kp, nt, m0, (g + 2) * group_size, group_size);
-                amx_store_b(C);
-                rescale(g + 1);
-            }
-        }
-    }
+    const int64_t cstride = kPanel * 4;
+    _tile_stored(0, C, cstride);
+    _tile_stored(1, C + 16, cstride);
+    _tile_stored(2, C + 16 * kPanel, cstride);
+    _tile_stored(3, C + 16 * kPanel + 16, cstride);
 }
 #endif
 
@@ -400,25 +385,25 @@ static void gemm_panels(const Gemm& p, int64_t p0, int64_t p1) {
             }
             const uint8_t* row = p.w + (n0 + r) * row_bytes;
 #if AWQ_X86
-            if (p.kernel != GEMM_SCALAR) unpack_row_avx2(row, p.G, p.group_size, p.kc, out, &scale[r], &wsum[r], kPanel);
+            if (p.kernel != GEMM_SCALAR)  // AMX reads signed codes directly: no sums
+                unpack_row_avx2(row, p.G, p.group_size, p.kc, out, &scale[r],
+                                p.kernel == GEMM_AMX ? nullptr : &wsum[r], kPanel);
             else
 #endif
                 unpack_row_scalar(row, p.G, p.group_size, p.kc, out, &scale[r], &wsum[r], kPanel);
         }
         for (int64_t m0 = 0; m0 < p.Mp; m0 += kPanel) {
             std::fill(acc.begin(), acc.end(), 0.0f);
-#if AWQ_X86
-            if (p.kernel == GEMM_AMX)
-                block_amx(codes.data(), p.kc, p.xv, p.Kp, m0, p.G, p.group_size, scale.data(), p.d + m0, p.Mp,
-                          acc.data());
-            else
-#endif
             for (int64_t g = 0; g < p.G; ++g) {
                 const int64_t k0 = g * p.group_size;
                 const int32_t* ws = wsum.data() + g * kPanel;
                 const float *s = scale.data() + g * kPanel, *d = p.d + g * p.Mp + m0;
                 switch (p.kernel) {
 #if AWQ_X86
+                    case GEMM_AMX:
+                        dots_amx(codes.data(), p.kc, p.xv, p.Kp, m0, k0, p.group_size, C);
+                        rescale_avx512(C, s, d, acc.data());
+                        break;
                     case GEMM_AVX512_VNNI:
                         dots_vnni512(codes.data(), p.kc, p.xv, p.Kp, m0, k0, p.group_size, ws, C);
                         rescale_avx512(C, s, d, acc.data());
@@ -451,8 +436,10 @@ static int w4a8_gemm(const float* x, int64_t M, int64_t K, const uint8_t* w, int
                      const float* bias, float* y, int kernel) {
     if (group_size % 32 || G * group_size < K) return -1;
     const int64_t Kp = G * group_size, Mp = (M + kPanel - 1) / kPanel * kPanel;
-    std::vector<int8_t> xv(Kp * Mp);  // zeros: the padding rows stay so
-    std::vector<float> d(G * Mp, 0.0f);
+    std::vector<int8_t> xv_buffer(Kp * Mp);  // zeros: the padding rows stay so
+    std::vector<float> d_buffer(G * Mp, 0.0f);
+    int8_t* const xv = xv_buffer.data();
+    float* const d = d_buffer.data();
     // quantize row by row, then scatter each row's four-column lanes into the VNNI order
     at::parallel_for(0, M, 16, [&](int64_t m_begin, int64_t m_end) {
         std::vector<int8_t> q(Kp);
@@ -467,11 +454,11 @@ static int w4a8_gemm(const float* x, int64_t M, int64_t K, const uint8_t* w, int
                     quantize_group_scalar(xr + c, n, group_size, q.data() + c, &d[g * Mp + m]);
             }
             const int32_t* lanes = (const int32_t*)q.data();
-            int32_t* out = (int32_t*)xv.data() + (m / 16) * (Kp / 4) * 16 + m % 16;
+            int32_t* out = (int32_t*)xv + (m / 16) * (Kp / 4) * 16 + m % 16;
             for (int64_t k4 = 0; k4 < Kp / 4; ++k4) out[k4 * 16] = lanes[k4];
         }
     });
-    Gemm p{xv.data(), d.data(), w, bias, y, M, Mp, N, K, Kp, G, group_size, group_size % 64 ? 32 : 64, kernel};
+    Gemm p{xv, d, w, bias, y, M, Mp, N, K, Kp, G, group_size, group_size % 64 ? 32 : 64, kernel};
     const int64_t panels = (N + kPanel - 1) / kPanel;
     at::parallel_for(0, panels, 1, [&](int64_t b, int64_t e) { gemm_panels(p, b, e); });
     return 0;
