@@ -26,6 +26,7 @@ Qwen- and DeepSeek-style models keep transformers' names, which are theirs too.
 from __future__ import annotations
 
 import re
+import warnings
 from pathlib import Path
 
 import torch
@@ -192,6 +193,11 @@ def save_autoawq(model: nn.Module, path, shard_size="5GB", dtype: torch.dtype = 
     group_sizes = {m.weight.group_size for m in quantized.values()}
     if len(group_sizes) > 1:
         raise ValueError(f"the model mixes group sizes {sorted(group_sizes)}; an AutoAWQ config holds one")
+    w4a8 = [n for n, m in quantized.items() if m.weight.activations is not None]
+    if w4a8:
+        warnings.warn(f"{len(w4a8)} Linears are W4A8 (activations='int8', {w4a8[0]}, ...); AutoAWQ's format is "
+                      f"weight-only, so their int4 weights are written and loaders run them weight-only "
+                      f"(save_quantized keeps the mode)", stacklevel=2)
     tensors = {}
     for name, value in model.state_dict().items():
         owner = name.rsplit(".", 1)[0]

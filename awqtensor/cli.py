@@ -84,9 +84,10 @@ def cmd_quantize(args) -> None:
     if args.calib is not None and not Path(args.calib).is_file():
         raise CLIError(f"--calib {args.calib} is not a file")
     if args.method == "awq":  # configs first: a bad option fails before the model loads
-        config = awq_config(group_size=args.group_size, n_samples=args.calib_samples, seq_len=args.seq_len)
+        config = awq_config(group_size=args.group_size, n_samples=args.calib_samples, seq_len=args.seq_len,
+                            activations=args.activations)
     else:
-        config = rtn_config(group_size=args.group_size)
+        config = rtn_config(group_size=args.group_size, activations=args.activations)
     model = AutoModelForCausalLM.from_pretrained(source, dtype=DTYPES[args.dtype]).eval()
     tokenizer = AutoTokenizer.from_pretrained(source)
     before = linear_weight_bytes(model)
@@ -165,6 +166,8 @@ def main(argv=None) -> int:
     q.add_argument("--calib-samples", type=int, default=128, help="calibration sequences (AutoAWQ's default)")
     q.add_argument("--seq-len", type=int, default=512)
     q.add_argument("--format", choices=FORMATS, default="awqtensor")
+    q.add_argument("--activations", choices=("int8",), default=None,
+                   help="int8: W4A8, int8 dynamic activations where a call is large enough to gain (default: weight-only)")
     q.add_argument("--dtype", choices=tuple(DTYPES), default="float32")
     q.set_defaults(run=cmd_quantize)
 

@@ -85,7 +85,7 @@ def _why_not(linears: list[nn.Module]) -> str | None:
     if not all(isinstance(w, Int4AWQTensor) for w in weights):
         return "not all are quantized (quantize_ first)"
     first = weights[0]
-    for field in ("group_size", "dtype", "device"):
+    for field in ("group_size", "dtype", "device", "activations"):
         if any(getattr(w, field) != getattr(first, field) for w in weights):
             return f"their {field} differs"
     if any(w.shape[1] != first.shape[1] for w in weights):

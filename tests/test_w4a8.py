@@ -298,3 +298,24 @@ def test_fqn_mix_of_ours_and_torchao():
     assert type(model.model.layers[1].mlp.up_proj.weight).__name__ == "Int8Tensor"
     with torch.no_grad():
         model(torch.randint(0, 320, (1, 20)))
+
+
+def test_fuse_keeps_the_mode_and_autoawq_export_warns(tmp_path):
+    from awqtensor import fuse_, load_autoawq, save_autoawq
+
+    model = tiny_llama()
+    quantize_(model, rtn_config(32, activations="int8"))
+    x = torch.randint(0, 320, (1, 40))
+    with torch.no_grad():
+        expected = model(x).logits
+    fuse_(model)
+    fused = [m for n, m in model.named_modules() if n.endswith("qkv_proj") or n.endswith("gate_up_proj")]
+    assert fused and all(m.weight.activations == "int8" for m in fused)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x).logits, expected, rtol=1e-5, atol=1e-5)
+    plain = tiny_llama()
+    quantize_(plain, rtn_config(32, activations="int8"))
+    with pytest.warns(UserWarning, match="AutoAWQ's format is weight-only"):
+        save_autoawq(plain, tmp_path / "a")
+    loaded = load_autoawq(tmp_path / "a")
+    assert loaded.model.layers[0].mlp.up_proj.weight.activations is None
