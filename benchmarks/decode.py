@@ -19,6 +19,8 @@ Greedy decoding; tokens/s is measured between the first new token and the last,
 * ``awq generate``: the same weights through ``awqtensor.generate`` (its C++ decode step,
   ``awqtensor.native``); ``awq generate compiled``: its torch.compile'd step instead
   (``native=False``); ``awq generate max``: that with ``compile="max"`` (Inductor's C++ wrapper);
+  ``awq w4a8 generate``: ``awq generate`` with ``activations="int8"`` (W4A8 where a call's M
+  falls in the device's window: prompts of 16-255 tokens on the AMX Xeon);
 * ``llama.cpp Q4_0`` (CPU, batch 1): the bundled GGUF requantized by llama.cpp
   (``benchmarks/llama_cpp_peer.py``; ``pip install -e ".[bench]"``; skipped with a
   message where llama-cpp-python is missing).
@@ -49,7 +51,7 @@ SHAPES = {  # Llama-3.2-1B and Llama-3-8B
                      num_key_value_heads=8, vocab_size=128256),
 }
 CPU_VARIANTS = ["dense compiled", "awq compiled fused", "awq fast_generate_", "awq generate", "awq generate compiled",
-                "awq generate max", "llama.cpp Q4_0"]
+                "awq generate max", "awq w4a8 generate", "llama.cpp Q4_0"]
 CUDA_VARIANTS = ["dense eager", "dense compiled", "awq eager", "awq compiled", "awq compiled fused"]
 
 
@@ -104,13 +106,14 @@ def build(variant: str, base, group_size: int, mode):
     """The model a variant runs, and its timer factory."""
     model = base if variant.startswith("dense") else copy.deepcopy(base)
     if variant.startswith("awq"):
-        quantize_(model, rtn_config(group_size=group_size))  # speed does not depend on the scales
+        activations = "int8" if "w4a8" in variant else None  # W4A8: int8 activations in its window of M
+        quantize_(model, rtn_config(group_size=group_size, activations=activations))  # speed does not depend on the scales
         if "fused" in variant or "generate" in variant:
             fuse_(model)
         if "generate" in variant:
             quantize_head_(model)
-    if variant.startswith("awq generate"):
-        compile, native = ("max", False) if variant.endswith("max") else (True, variant == "awq generate")
+    if variant.startswith(("awq generate", "awq w4a8 generate")):
+        compile, native = ("max", False) if variant.endswith("max") else (True, variant.endswith("generate"))
         return model, lambda ids: lean_timer(model, ids, compile, native)
     if variant == "awq fast_generate_":
         fast_generate_(model)
