@@ -230,12 +230,21 @@ def main():
     # Rows of methods not run this time are kept, so methods can be (re)measured one by one.
     suffix = ("_cpu_kernel" + ("_int8" if args.int8_only else "")) if args.cpu_kernel else ""
     suffix += "_int8_head" if args.int8_head else ""
+    if args.csv is None and all(m.endswith("-w4a8") or "torchao" in m for m in args.methods):
+        suffix += "_composition"  # issue 19's rows, apart from the int4 weight-only history
     path = Path(args.csv or f"benchmarks/results/perplexity_g{args.group_size}{suffix}.csv")
     path.parent.mkdir(parents=True, exist_ok=True)
     fields = list(dict.fromkeys(k for r in rows for k in r)) + ["matmul", "windows", "calib_blocks", "seq_len", "device", "torch", "triton", "commit",
                               "command"]
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    new = {r["method"]: {**r, "matmul": matmul, "windows": args.windows, "calib_blocks": args.calib_blocks, "seq_len": args.seq_len,
+    def row_matmul(method: str) -> str:  # W4A8 and torchao's rows run their own kernels whatever the flags
+        if method.endswith("-w4a8"):
+            return "W4A8 GEMM at every M (int8 activations per row and group)"
+        if "torchao" in method:
+            return "torchao's tensors (int4 weight-only configs: their dequantize + matmul)"
+        return matmul
+
+    new = {r["method"]: {**r, "matmul": row_matmul(r["method"]), "windows": args.windows, "calib_blocks": args.calib_blocks, "seq_len": args.seq_len,
                          "device": device, "commit": commit, **provenance()} for r in rows}
     old = {}
     if path.is_file():
@@ -244,9 +253,11 @@ def main():
     with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
         writer.writeheader()
-        for method in METHODS:
-            if method in new or method in old:
-                writer.writerow(new.get(method) or old[method])
+        # METHODS' order first, then labelled rows (torchao[...]) as they came
+        keys = [m for m in METHODS if m in new or m in old]
+        keys += [m for m in [*old, *new] if m not in keys and m not in METHODS]
+        for method in dict.fromkeys(keys):
+            writer.writerow(new.get(method) or old[method])
 
 
 if __name__ == "__main__":
