@@ -3,7 +3,10 @@ float64 model of it (``reference.w4a8_linear``), the CPU GEMM's micro-kernels ag
 other, the switch by M, serialization, compile, fusion, AWQ scoring with the format (the
 Triton GEMM's test is in test_triton.py). AWQ over torchao's configs (``base_config=``)."""
 
+import shutil
+import subprocess
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -319,3 +322,32 @@ def test_fuse_keeps_the_mode_and_autoawq_export_warns(tmp_path):
         save_autoawq(plain, tmp_path / "a")
     loaded = load_autoawq(tmp_path / "a")
     assert loaded.model.layers[0].mlp.up_proj.weight.activations is None
+
+
+# ---- the GEMM on ARM64 (NEON dotprod) under qemu: cross-compiled, against the x86 op ----
+
+CROSS = shutil.which("aarch64-linux-gnu-g++")
+QEMU = shutil.which("qemu-aarch64-static") or shutil.which("qemu-aarch64")
+GEMM_DRIVER = Path(__file__).with_name("cpu_gemm_driver.cpp")
+
+
+@pytest.fixture(scope="module")
+def arm64_gemm(tmp_path_factory):
+    if not (CROSS and QEMU):
+        pytest.skip("needs aarch64-linux-gnu-g++ and qemu-aarch64 (.ci/run installs them)")
+    exe = tmp_path_factory.mktemp("arm64") / "gemm"
+    subprocess.run([CROSS, "-O2", "-static", "-std=c++17", "-ffp-contract=off", "-I", str(cpu_kernel.SOURCE.parent),
+                    str(GEMM_DRIVER), "-o", str(exe)], check=True, capture_output=True)
+    return exe
+
+
+@pytest.mark.parametrize("kernel", ["neon_dotprod", "scalar"])
+def test_arm64_gemm_under_qemu_is_bit_identical_to_x86(route, arm64_gemm, kernel):
+    for n, m, k, group_size in CASES[:3]:
+        t = w4a8_weight(n, k, group_size, act_scale=False)
+        x, bias = torch.randn(m, k) * 2, torch.randn(n)
+        header = np.array([m, k, n, t.scales.shape[1], t.group_size, w4a8.CPU_KERNELS.index(kernel), 1], dtype=np.int64)
+        payload = header.tobytes() + x.numpy().tobytes() + t.qweight.contiguous().numpy().tobytes() + bias.numpy().tobytes()
+        run = subprocess.run([QEMU, str(arm64_gemm)], input=payload, capture_output=True, check=True)
+        y_arm = torch.frombuffer(bytearray(run.stdout), dtype=torch.float32).reshape(m, n)
+        assert torch.equal(y_arm, gemm_out(x, t, bias, w4a8.cpu_kernels()[-1])), (n, m, k, group_size)

@@ -7,7 +7,9 @@
 // (q - z, -15..15) and its scale s (the "cpu_blocks" group header),
 //     y[m, n] = sum_g fl(C_g[n, m] * (s[n, g] * d[m, g])),   C_g = <xq[m, g], (q - z)[n, g]>
 // C_g is an exact int32; the sum is fp32 fmas in group order whatever the tile shape,
-// thread count or micro-kernel: AMX, AVX512-VNNI, AVX2 and scalar give bit-identical results.
+// thread count or micro-kernel: AMX, AVX512-VNNI, AVX2, NEON dotprod and scalar give
+// bit-identical results (tests/test_w4a8.py, ARM64 under qemu). No torch headers: the
+// ARM64 test cross-compiles it with tests/cpu_gemm_driver.cpp.
 //
 // Layout per call: the activations once, as int8 in the "VNNI" order the dot products
 // read (four consecutive k of one row per 32-bit lane, 16 rows per 64 bytes); per thread,
@@ -20,11 +22,15 @@
 
 #include <sys/syscall.h>
 #include <unistd.h>
+#if defined(_OPENMP)
+#include <omp.h>
+#endif
+#include <vector>
 #if AWQ_X86
 #include <cpuid.h>
 #endif
 
-enum GemmKernel { GEMM_SCALAR = 0, GEMM_AVX2 = 1, GEMM_AVX512_VNNI = 2, GEMM_AMX = 3 };
+enum GemmKernel { GEMM_SCALAR = 0, GEMM_AVX2 = 1, GEMM_AVX512_VNNI = 2, GEMM_AMX = 3, GEMM_NEON_DOTPROD = 4 };
 static const int kPanel = 32;  // weight rows (outputs) per panel, and activation rows per block
 
 #if AWQ_X86
@@ -53,12 +59,15 @@ static bool gemm_kernel_supported(int kernel) {
         case GEMM_AVX512_VNNI: return awq_cpu_isa_supported(AVX512_VNNI);
         case GEMM_AMX: return amx_usable();
 #endif
+#if AWQ_ARM
+        case GEMM_NEON_DOTPROD: return awq_cpu_isa_supported(NEON_DOTPROD);
+#endif
         default: return false;
     }
 }
 
 static int gemm_best_kernel() {
-    for (int k : {GEMM_AMX, GEMM_AVX512_VNNI, GEMM_AVX2})
+    for (int k : {GEMM_AMX, GEMM_AVX512_VNNI, GEMM_AVX2, GEMM_NEON_DOTPROD})
         if (gemm_kernel_supported(k)) return k;
     return GEMM_SCALAR;
 }
@@ -292,8 +301,10 @@ AWQ_AMX static void amx_configure(int64_t kc) {
 
 AWQ_AMX static void amx_release() { _tile_release(); }
 
-AWQ_AMX static void dots_amx(const int8_t* codes, int64_t kc, const int8_t* xv, int64_t Kp, int64_t m0, int64_t k0,
-                             int64_t len, int32_t* C) {
+// One group's products into the four C tiles (2 x 2: weight rows 0-15 / 16-31 x activation
+// rows m0 .. m0 + 15 / + 31); amx_store writes them out as C [32][32].
+AWQ_AMX static void amx_issue(const int8_t* codes, int64_t kc, const int8_t* xv, int64_t Kp, int64_t m0, int64_t k0,
+                              int64_t len) {
     _tile_zero(0);
     _tile_zero(1);
     _tile_zero(2);
@@ -308,11 +319,52 @@ AWQ_AMX static void dots_amx(const int8_t* codes, int64_t kc, const int8_t* xv, 
         _tile_dpbssd(2, 5, 6);
         _tile_dpbssd(3, 5, 7);
     }
+}
+
+AWQ_AMX static void amx_store(int32_t* C) {
     const int64_t cstride = kPanel * 4;
     _tile_stored(0, C, cstride);
     _tile_stored(1, C + 16, cstride);
     _tile_stored(2, C + 16 * kPanel, cstride);
     _tile_stored(3, C + 16 * kPanel + 16, cstride);
+}
+#endif
+
+#if AWQ_ARM
+// 4 activation rows per register, sdot (signed codes x signed activations: no correction);
+// 2 weight rows at a time, 16 accumulators.
+#define AWQ_DOTPROD __attribute__((target("arch=armv8.2-a+dotprod")))
+AWQ_DOTPROD static void dots_neon_dotprod(const int8_t* codes, int64_t kc, const int8_t* xv, int64_t Kp, int64_t m0,
+                                          int64_t k0, int64_t len, const int32_t*, int32_t* C) {
+    for (int n0 = 0; n0 < kPanel; n0 += 2) {
+        int32x4_t acc[2][8];
+        for (int r = 0; r < 2; ++r)
+            for (int j = 0; j < 8; ++j) acc[r][j] = vdupq_n_s32(0);
+        for (int64_t k4 = k0 / 4; k4 < (k0 + len) / 4; ++k4) {
+            int8x16_t x[8];  // x[j]: activation rows 4j .. 4j + 3 of the block, four columns each
+            for (int j = 0; j < 8; ++j) x[j] = vld1q_s8(xv_at(xv, m0 + 16 * (j / 4), k4, Kp) + 16 * (j % 4));
+            for (int r = 0; r < 2; ++r) {
+                int32_t q4;
+                std::memcpy(&q4, code_at(codes, n0 + r, 4 * k4, kc), 4);
+                const int8x16_t q = vreinterpretq_s8_s32(vdupq_n_s32(q4));
+                for (int j = 0; j < 8; ++j) acc[r][j] = vdotq_s32(acc[r][j], x[j], q);
+            }
+        }
+        for (int r = 0; r < 2; ++r)
+            for (int j = 0; j < 8; ++j) vst1q_s32(C + (n0 + r) * kPanel + 4 * j, acc[r][j]);
+    }
+}
+
+// rescale_scalar's arithmetic (vfmaq_f32 is the fused multiply-add std::fma computes)
+static void rescale_neon(const int32_t* C, const float* s, const float* d, float* acc) {
+    for (int n = 0; n < kPanel; ++n) {
+        const float32x4_t sn = vdupq_n_f32(s[n]);
+        for (int j = 0; j < 8; ++j) {
+            float* a = acc + n * kPanel + 4 * j;
+            const float32x4_t c = vcvtq_f32_s32(vld1q_s32(C + n * kPanel + 4 * j));
+            vst1q_f32(a, vfmaq_f32(vld1q_f32(a), c, vmulq_f32(sn, vld1q_f32(d + 4 * j))));
+        }
+    }
 }
 #endif
 
@@ -371,6 +423,7 @@ static void gemm_panels(const Gemm& p, int64_t p0, int64_t p1) {
     std::vector<float> scale(p.G * kPanel), acc(kPanel * kPanel);
     std::vector<int32_t> wsum(p.G * kPanel);
     alignas(64) int32_t C[kPanel * kPanel];
+    alignas(64) int32_t CC[2][kPanel * kPanel];  // AMX: two groups' products in flight
 #if AWQ_X86
     if (p.kernel == GEMM_AMX) amx_configure(p.kc);
 #endif
@@ -394,16 +447,28 @@ static void gemm_panels(const Gemm& p, int64_t p0, int64_t p1) {
         }
         for (int64_t m0 = 0; m0 < p.Mp; m0 += kPanel) {
             std::fill(acc.begin(), acc.end(), 0.0f);
+#if AWQ_X86
+            if (p.kernel == GEMM_AMX) {
+                // Group g's products run on the tile unit while the vector units rescale group
+                // g - 1's, stored one step earlier into the other buffer (read back long after
+                // the tile store, not right behind it). The rescale order is unchanged.
+                auto rescale = [&](int64_t g) {
+                    rescale_avx512(CC[g & 1], scale.data() + g * kPanel, p.d + g * p.Mp + m0, acc.data());
+                };
+                for (int64_t g = 0; g < p.G; ++g) {
+                    amx_issue(codes.data(), p.kc, p.xv, p.Kp, m0, g * p.group_size, p.group_size);
+                    if (g) rescale(g - 1);
+                    amx_store(CC[g & 1]);
+                }
+                rescale(p.G - 1);
+            } else
+#endif
             for (int64_t g = 0; g < p.G; ++g) {
                 const int64_t k0 = g * p.group_size;
                 const int32_t* ws = wsum.data() + g * kPanel;
                 const float *s = scale.data() + g * kPanel, *d = p.d + g * p.Mp + m0;
                 switch (p.kernel) {
 #if AWQ_X86
-                    case GEMM_AMX:
-                        dots_amx(codes.data(), p.kc, p.xv, p.Kp, m0, k0, p.group_size, C);
-                        rescale_avx512(C, s, d, acc.data());
-                        break;
                     case GEMM_AVX512_VNNI:
                         dots_vnni512(codes.data(), p.kc, p.xv, p.Kp, m0, k0, p.group_size, ws, C);
                         rescale_avx512(C, s, d, acc.data());
@@ -411,6 +476,12 @@ static void gemm_panels(const Gemm& p, int64_t p0, int64_t p1) {
                     case GEMM_AVX2:
                         dots_avx2(codes.data(), p.kc, p.xv, p.Kp, m0, k0, p.group_size, ws, C);
                         rescale_avx2(C, s, d, acc.data());
+                        break;
+#endif
+#if AWQ_ARM
+                    case GEMM_NEON_DOTPROD:
+                        dots_neon_dotprod(codes.data(), p.kc, p.xv, p.Kp, m0, k0, p.group_size, ws, C);
+                        rescale_neon(C, s, d, acc.data());
                         break;
 #endif
                     default:
@@ -441,9 +512,11 @@ static int w4a8_gemm(const float* x, int64_t M, int64_t K, const uint8_t* w, int
     int8_t* const xv = xv_buffer.data();
     float* const d = d_buffer.data();
     // quantize row by row, then scatter each row's four-column lanes into the VNNI order
-    at::parallel_for(0, M, 16, [&](int64_t m_begin, int64_t m_end) {
+#pragma omp parallel if (M * K >= (1 << 16))
+    {
         std::vector<int8_t> q(Kp);
-        for (int64_t m = m_begin; m < m_end; ++m) {
+#pragma omp for schedule(static)
+        for (int64_t m = 0; m < M; ++m) {
             const float* xr = x + m * K;
             for (int64_t g = 0; g < G; ++g) {
                 const int64_t c = g * group_size, n = std::min(group_size, K - c);
@@ -457,9 +530,18 @@ static int w4a8_gemm(const float* x, int64_t M, int64_t K, const uint8_t* w, int
             int32_t* out = (int32_t*)xv + (m / 16) * (Kp / 4) * 16 + m % 16;
             for (int64_t k4 = 0; k4 < Kp / 4; ++k4) out[k4 * 16] = lanes[k4];
         }
-    });
+    }
     Gemm p{xv, d, w, bias, y, M, Mp, N, K, Kp, G, group_size, group_size % 64 ? 32 : 64, kernel};
     const int64_t panels = (N + kPanel - 1) / kPanel;
-    at::parallel_for(0, panels, 1, [&](int64_t b, int64_t e) { gemm_panels(p, b, e); });
+#pragma omp parallel if (panels > 1)
+    {
+#if defined(_OPENMP)
+        const int64_t threads = omp_get_num_threads(), t = omp_get_thread_num();
+#else
+        const int64_t threads = 1, t = 0;
+#endif
+        const int64_t per = (panels + threads - 1) / threads;  // contiguous panels per thread
+        if (t * per < panels) gemm_panels(p, t * per, std::min(panels, (t + 1) * per));
+    }
     return 0;
 }
