@@ -20,7 +20,7 @@ Greedy decoding; tokens/s is measured between the first new token and the last,
   ``awqtensor.native``); ``awq generate compiled``: its torch.compile'd step instead
   (``native=False``); ``awq generate max``: that with ``compile="max"`` (Inductor's C++ wrapper);
   ``awq w4a8 generate``: ``awq generate`` with ``activations="int8"`` (W4A8 where a call's M
-  falls in the device's window: prompts of 16-255 tokens on the AMX Xeon);
+  falls in the device's window: prompts of 16-511 tokens on the AMX Xeon);
 * ``llama.cpp Q4_0`` (CPU, batch 1): the bundled GGUF requantized by llama.cpp
   (``benchmarks/llama_cpp_peer.py``; ``pip install -e ".[bench]"``; skipped with a
   message where llama-cpp-python is missing).

@@ -17,7 +17,7 @@
 // computes C[n][m] (32 x 32) for one group into an int32 buffer, then the rescale adds it
 // into the fp32 accumulators. With AMX, C = A (codes, 16 x kc bytes) . B (activations)
 // through TDPBSSD, 2 x 2 tiles. The per-group rescale costs about as much as AMX's dot
-// products: from M ~ 256 on, torch's AMX-bf16 matmul (the weight-only dense route) wins,
+// products: at M ~ 512 torch's AMX-bf16 matmul (the weight-only dense route) catches up,
 // and the switch (w4a8.py) sends those calls there.
 
 #include <sys/syscall.h>

@@ -36,11 +36,12 @@ MODES = (None, "int8")  # the ``activations=`` a config and an Int4AWQTensor tak
 CPU_KERNELS = ("scalar", "avx2", "avx512_vnni", "amx", "neon_dotprod")  # the CPU GEMM's micro-kernels, by code
 # The rows [min_m, max_m) where the CPU GEMM beats weight-only, per micro-kernel (None:
 # never; max None: no limit), measured by benchmarks/w4a8_route.py on our AMX Xeon
-# (benchmarks/results/README.md). Above max_m torch's AMX-bf16 matmul (the weight-only
-# dense route) wins: the per-group fp32 rescale costs as much as AMX's int8 products.
+# (benchmarks/results/README.md). From M = 512 torch's AMX-bf16 matmul (the weight-only
+# dense route) is as fast: the per-group fp32 rescale costs about what AMX's int8
+# products do, and grows with M like them.
 # AVX512-VNNI and AVX2 lost to weight-only at every M measured there (on CPUs without
 # native bf16 they may not: unmeasured, so off).
-CPU_WINDOW = {"amx": (16, 256), "avx512_vnni": (None, None), "avx2": (None, None), "scalar": (None, None),
+CPU_WINDOW = {"amx": (16, 512), "avx512_vnni": (None, None), "avx2": (None, None), "scalar": (None, None),
               "neon_dotprod": (None, None)}  # ARM: tested under qemu, never timed
 # Not measured on a GPU yet: torchao's choice (every call of more than one token) would
 # send decode batches to int8 too; 64 keeps small batches on the weight-only GEMV/GEMM.
