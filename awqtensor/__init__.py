@@ -12,6 +12,10 @@ def _import_torchao_quietly() -> None:
         logger.setLevel(logging.ERROR)
     try:
         import torchao.quantization  # noqa: F401
+        try:  # transformers imports this on every from_pretrained; its enums log the deprecation
+            import torchao.prototype.safetensors.safetensors_utils  # noqa: F401
+        except ImportError:
+            pass
     finally:
         for logger, level in zip(loggers, levels):
             logger.setLevel(level)

@@ -137,3 +137,15 @@ def test_end_to_end_sqnr_random_llama(group_size, bound_db):
         actual = model(ids).logits
     # measured over seeds 0-2: 18.3-18.9 (g32), 17.4-18.4 (g64), 17.1-17.9 (g128), 17.1-17.8 (per channel)
     assert sqnr_db(expected, actual) > bound_db
+
+
+def test_import_is_quiet():
+    """Importing awqtensor, and then what transformers' from_pretrained imports of torchao,
+    prints nothing: torchao's CUDA-only extensions failing to load on a CPU build and
+    torch's pytree deprecation for torchao's enums are not the user's to act on."""
+    import subprocess
+    import sys
+
+    code = "import awqtensor, torchao.prototype.safetensors.safetensors_utils, transformers"
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert run.stdout == "" and run.stderr == "", run.stderr[-2000:]
