@@ -305,6 +305,16 @@ def _(func, types, args, kwargs):
     return self
 
 
+@implements([aten.add_.Tensor, aten.sub_.Tensor])
+def _(func, types, args, kwargs):
+    # What merging an adapter (PEFT's merge_and_unload, W += delta) does to a weight:
+    # int4 codes cannot absorb a float delta without requantizing the whole weight.
+    raise TypeError(f"{func.__name__.split('.')[0]}: an Int4AWQTensor cannot take a float update in place (merging "
+                    f"a LoRA adapter into int4 weights would requantize them and lose the adapter's precision); "
+                    f"keep the adapter separate (PEFT: use the model unmerged, or model.unload() to drop it), or "
+                    f"merge it into the float model and quantize that again")
+
+
 @implements(aten.slice.Tensor)
 def _(func, types, args, kwargs):
     self, dim, start, end, step = fill_defaults(args, 5, [0, None, None, 1])
