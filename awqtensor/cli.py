@@ -3,6 +3,7 @@
     awqtensor quantize MODEL_DIR --out DIR [--method awq|rtn] [--calib FILE] [--format awqtensor|autoawq]
     awqtensor eval MODEL_DIR --text FILE [--windows 40] [--seq-len 512]
     awqtensor info PATH
+    awqtensor generate MODEL_DIR --prompt TEXT [--max-new-tokens 128] [--raw]
     awqtensor demo [...]
 
 MODEL_DIR is a Hugging Face model directory (float, awqtensor or AutoAWQ), or the word
@@ -120,6 +121,37 @@ def cmd_eval(args) -> None:
           f"of {args.text} ({time.perf_counter() - start:.1f} s)")
 
 
+def cmd_generate(args) -> None:
+    """Stream a greedy answer to --prompt (through the model's chat template unless --raw),
+    then tokens/s."""
+    from . import generate
+
+    if args.max_new_tokens < 1:
+        raise CLIError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+    path = resolve_model_dir(args.model_dir)
+    model, tokenizer, fmt = load_any(path, DTYPES[args.dtype])
+    if not args.raw and getattr(tokenizer, "chat_template", None):
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}], add_generation_prompt=True,
+                                            return_tensors="pt", return_dict=True)["input_ids"]
+    else:
+        ids = tokenizer(args.prompt, return_tensors="pt")["input_ids"]
+    new, shown, times = [], "", []
+
+    def show(token):  # decode everything so far and print what is new (multi-byte characters)
+        nonlocal shown
+        times.append(time.perf_counter())
+        new.append(int(token[0, 0]))
+        text = tokenizer.decode(new, skip_special_tokens=True)
+        print(text[len(shown):], end="", flush=True)
+        shown = text
+
+    start = time.perf_counter()
+    generate(model, ids, args.max_new_tokens, eos_token_id=tokenizer.eos_token_id, on_token=show)
+    decode = (len(times) - 1) / (times[-1] - times[0]) if len(times) > 1 else float("nan")
+    print(f"\n[{path.name} ({fmt}): {len(new)} tokens; first after {times[0] - start:.2f} s, then "
+          f"{decode:.1f} tokens/s]")
+
+
 def cmd_info(args) -> None:
     from .checkpoint import read_config, weight_files
 
@@ -183,6 +215,14 @@ def main(argv=None) -> int:
     i.add_argument("path")
     i.add_argument("--json", action="store_true", help="machine-readable, with every quantized module")
     i.set_defaults(run=cmd_info)
+
+    g = sub.add_parser("generate", help="stream a greedy answer from a float, awqtensor or AutoAWQ model")
+    g.add_argument("model_dir", help="Hugging Face model directory, or 'smollm2' for the bundled model")
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--max-new-tokens", type=int, default=128)
+    g.add_argument("--raw", action="store_true", help="the prompt as is, without the model's chat template")
+    g.add_argument("--dtype", choices=tuple(DTYPES), default="float32")
+    g.set_defaults(run=cmd_generate)
 
     d = sub.add_parser("demo", help="float vs RTN vs AWQ on the bundled SmolLM2 (python -m awqtensor.demo)",
                        add_help=False)

@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from awqtensor.cli import main
 from conftest import tiny_llama
@@ -73,11 +74,30 @@ def test_quantize_info_eval_in_both_formats(workdir, capsys):
     assert ppl["native"] != ppl["float"]  # the quantized weights are what was evaluated
 
 
+def test_generate_streams_and_reports_speed(workdir, capsys):
+    """awqtensor generate on the float and the quantized directories (the byte tokenizer has
+    no chat template: the prompt goes as is): the streamed text is the greedy continuation."""
+    from awqtensor import generate
+    from awqtensor.cli import load_any
+
+    for name in ("float", "native"):
+        code, out, err = run(capsys, "generate", workdir / name, "--prompt", "The quick brown", "--max-new-tokens", "12")
+        assert code == 0, err
+        text, report = out.rsplit("\n[", 1)
+        assert report.startswith(f"{name} (") and "12 tokens" in report and "tokens/s]" in report
+        model, tokenizer, _ = load_any(workdir / name, torch.float32)
+        ids = tokenizer("The quick brown", return_tensors="pt")["input_ids"]
+        expected = generate(model, ids, 12, eos_token_id=tokenizer.eos_token_id)[0, ids.shape[1]:]
+        assert text == tokenizer.decode(expected, skip_special_tokens=True)
+
+
 @pytest.mark.parametrize("argv,match", [
     (["quantize", "no/such/dir", "--out", "x", "--method", "rtn"], "does not exist"),
     (["quantize", "{float}", "--out", "x"], "--method awq needs --calib"),
     (["eval", "{float}", "--text", "no-such.txt"], "is not a file"),
     (["info", "no/such/dir"], "does not exist"),
+    (["generate", "{float}", "--prompt", "hi", "--max-new-tokens", "0"], "--max-new-tokens must be at least 1"),
+    (["generate", "no/such/dir", "--prompt", "hi"], "does not exist"),
     (["quantize", "{float}", "--out", "x", "--method", "rtn", "--group-size", "48"], "group_size"),
 ])
 def test_bad_input_is_one_line_and_exit_2(workdir, capsys, argv, match):
