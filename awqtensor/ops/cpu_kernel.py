@@ -54,7 +54,7 @@ log = logging.getLogger("awqtensor")
 SOURCE = Path(__file__).with_name("cpu_kernel.cpp")
 BINDING = Path(__file__).with_name("cpu_op.cpp")  # the kernel as awqtensor::int4_linear's C++ CPU kernel
 STEP = Path(__file__).with_name("cpu_step.cpp")  # included by cpu_op.cpp: awqtensor's DecodePlan
-GEMM = Path(__file__).with_name("cpu_gemm.cpp")  # included by cpu_op.cpp: the W4A8 GEMM
+GEMM = [Path(__file__).with_name(name) for name in ("cpu_gemm.cpp", "cpu_gemm_micro.cpp")]  # the W4A8 GEMM
 ISAS = {"scalar": 0, "avx2": 1, "avx2_vnni": 2, "neon": 3, "neon_dotprod": 4, "avx512_vnni": 5}
 PREFERENCE = ("avx512_vnni", "avx2_vnni", "avx2", "neon_dotprod", "neon", "scalar")  # fastest first
 DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
@@ -131,7 +131,7 @@ def _build(compiler: str, binding: bool = False) -> Path:
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
     sources = SOURCE.read_bytes()
     if binding:
-        sources += BINDING.read_bytes() + STEP.read_bytes() + GEMM.read_bytes() + torch.__version__.encode()
+        sources += BINDING.read_bytes() + STEP.read_bytes() + b"".join(g.read_bytes() for g in GEMM) + torch.__version__.encode()
     key = hashlib.sha256(sources + version.encode() + " ".join(FLAGS).encode()
                          + platform.machine().encode()).hexdigest()[:16]
     target = _cache_dir() / key / ("libawqtensor_cpu_op.so" if binding else "libawqtensor_cpu.so")
