@@ -110,9 +110,10 @@ def test_disable_runs_weight_only(route, monkeypatch):
     t = w4a8_weight(64, 128, 64)
     w4a8.cpu_route(1)
     x = torch.randn(40, 128)
-    monkeypatch.setenv("AWQTENSOR_DISABLE", "cpu_w4a8")
-    assert torch.equal(F.linear(x, t), F.linear(x, t._replace(activations=None)))
-    assert w4a8.reasons(40, "cpu", 64, t.packing_format)["w4a8"] == "disabled by AWQTENSOR_DISABLE"
+    for switch in ("cpu_w4a8", "w4a8"):  # the CPU's, and every device's
+        monkeypatch.setenv("AWQTENSOR_DISABLE", switch)
+        assert torch.equal(F.linear(x, t), F.linear(x, t._replace(activations=None)))
+        assert w4a8.reasons(40, "cpu", 64, t.packing_format)["w4a8"] == "disabled by AWQTENSOR_DISABLE"
 
 
 def test_layout_without_kernel_warns_once_and_runs_weight_only(monkeypatch):

@@ -129,15 +129,20 @@ at::Tensor dense_linear(const at::Tensor& x2, int dtype, const at::Tensor& w, in
     return y;
 }
 
+// The Python dispatcher's op for layouts the C++ kernels do not read (same schema as
+// int4_linear and w4a8_linear).
+using LinearSignature = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                   const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
+                                   const std::optional<at::Tensor>&, int64_t, c10::string_view);
+c10::TypedOperatorHandle<LinearSignature> python_linear(const char* name) {
+    return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<LinearSignature>();
+}
+
 at::Tensor int4_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
                            const std::optional<at::Tensor>& zeros, const std::optional<at::Tensor>& act_scale,
                            const std::optional<at::Tensor>& bias, int64_t group_size, c10::string_view packing_format) {
     if (std::string_view(packing_format.data(), packing_format.size()) != "cpu_blocks") {
-        static auto python = c10::Dispatcher::singleton()
-                                 .findSchemaOrThrow("awqtensor::_int4_linear_py", "")
-                                 .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                                   const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
-                                                   const std::optional<at::Tensor>&, int64_t, c10::string_view)>();
+        static auto python = python_linear("awqtensor::_int4_linear_py");
         return python.call(x, qweight, scales, zeros, act_scale, bias, group_size, packing_format);
     }
     const int64_t k = x.size(-1), n = scales.size(0), groups = scales.size(1);
@@ -172,13 +177,13 @@ at::Tensor int4_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, const
 // by ops/w4a8.py; min 0 = never, max 0 = no limit) run the W4A8 GEMM (cpu_gemm.cpp) with
 // w4a8_kernel; the others run weight-only (int4_linear_cpu: the int8-per-32-column decode
 // kernel or the dense route), as do group sizes that are not a multiple of 32 and
-// AWQTENSOR_DISABLE=cpu_w4a8.
+// AWQTENSOR_DISABLE=cpu_w4a8 (or w4a8, which turns W4A8 off on every device).
 int64_t w4a8_min_m = 0, w4a8_max_m = 0;
 int w4a8_kernel = -1;  // -1: the best this CPU has
 
 bool takes_w4a8_gemm(int64_t m, int64_t group_size) {
     return w4a8_min_m && m >= w4a8_min_m && (!w4a8_max_m || m < w4a8_max_m) && group_size % 32 == 0 &&
-           !disabled("cpu_w4a8");
+           !disabled("cpu_w4a8") && !disabled("w4a8");
 }
 
 at::Tensor w4a8_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
@@ -187,11 +192,7 @@ at::Tensor w4a8_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, const
     const int64_t k = x.size(-1), n = scales.size(0), groups = scales.size(1);
     const int64_t m = k ? x.numel() / k : 0;
     if (std::string_view(packing_format.data(), packing_format.size()) != "cpu_blocks") {
-        static auto python = c10::Dispatcher::singleton()
-                                 .findSchemaOrThrow("awqtensor::_w4a8_linear_py", "")
-                                 .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                                   const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
-                                                   const std::optional<at::Tensor>&, int64_t, c10::string_view)>();
+        static auto python = python_linear("awqtensor::_w4a8_linear_py");
         return python.call(x, qweight, scales, zeros, act_scale, bias, group_size, packing_format);
     }
     if (!m || !takes_w4a8_gemm(m, group_size))
@@ -391,7 +392,8 @@ extern "C" void awq_cpu_set_w4a8_route(int64_t min_m, int64_t max_m, int64_t ker
     w4a8_kernel = (int)kernel;
 }
 
-// 1 if this CPU runs the W4A8 GEMM's micro-kernel `kernel` (0 scalar, 1 avx2, 2 avx512_vnni, 3 amx).
+// 1 if this CPU runs the W4A8 GEMM's micro-kernel `kernel` (GemmKernel: 0 scalar, 1 avx2, 2 avx512_vnni,
+// 3 amx, 4 neon_dotprod; w4a8.CPU_KERNELS in that order).
 extern "C" int awq_cpu_w4a8_kernel_supported(int64_t kernel) { return gemm_kernel_supported((int)kernel); }
 
 TORCH_LIBRARY_IMPL(awqtensor, CPU, m) {

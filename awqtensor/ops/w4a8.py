@@ -134,7 +134,8 @@ def reasons(m: int, device: torch.device, group_size: int, packing_format: str) 
     ("w4a8", "weight_only") that can, runs."""
     device = torch.device(device)
     why = {"w4a8": None, "weight_only": None}
-    if {"w4a8", "cpu_w4a8" if device.type == "cpu" else "w4a8"} & _disabled():
+    switches = {"w4a8", "cpu_w4a8"} if device.type == "cpu" else {"w4a8"}
+    if switches & _disabled():
         why["w4a8"] = "disabled by AWQTENSOR_DISABLE"
     elif packing_format == packing.TRITON:
         if not (device.type == "cuda" or _interpreting()):
