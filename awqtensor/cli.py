@@ -1,6 +1,7 @@
 """The ``awqtensor`` command (also ``python -m awqtensor``).
 
     awqtensor quantize MODEL_DIR --out DIR [--method awq|rtn] [--calib FILE] [--format awqtensor|autoawq]
+    awqtensor quantize MODEL_DIR --out FILE.gguf --format gguf [...]     (for llama.cpp / ollama)
     awqtensor eval MODEL_DIR --text FILE [--windows 40] [--seq-len 512]
     awqtensor info PATH
     awqtensor generate MODEL_DIR --prompt TEXT [--max-new-tokens 128] [--raw]
@@ -22,11 +23,19 @@ from pathlib import Path
 import torch
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-FORMATS = ("awqtensor", "autoawq")
+FORMATS = ("awqtensor", "autoawq", "gguf")
 
 
 class CLIError(Exception):
     """Bad input: reported in one line, exit status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (the full usage is under --help)."""
+
+    def error(self, message):
+        print(f"{self.prog}: error: {message} (see {self.prog} --help)", file=sys.stderr)
+        sys.exit(2)
 
 
 def resolve_model_dir(name: str) -> Path:
@@ -84,9 +93,15 @@ def cmd_quantize(args) -> None:
         raise CLIError("--method awq needs --calib FILE: a text unlike the one you will evaluate on")
     if args.calib is not None and not Path(args.calib).is_file():
         raise CLIError(f"--calib {args.calib} is not a file")
+    gguf = args.format == "gguf"
+    if gguf and not args.out.endswith(".gguf"):
+        raise CLIError(f"with --format gguf, --out names the file to write (ending in .gguf), got {args.out}")
+    if gguf and args.activations:
+        raise CLIError("--activations belongs to awqtensor's formats; llama.cpp chooses its own activation types")
     if args.method == "awq":  # configs first: a bad option fails before the model loads
+        # GGUF has no per-input scale: groups nothing can fold keep scale 1 (act_scale=False).
         config = awq_config(group_size=args.group_size, n_samples=args.calib_samples, seq_len=args.seq_len,
-                            activations=args.activations)
+                            activations=args.activations, act_scale=not gguf)
     else:
         config = rtn_config(group_size=args.group_size, activations=args.activations)
     model = AutoModelForCausalLM.from_pretrained(source, dtype=DTYPES[args.dtype]).eval()
@@ -98,13 +113,18 @@ def cmd_quantize(args) -> None:
     else:
         quantize_(model, config)
     seconds = time.perf_counter() - start
-    save = save_autoawq if args.format == "autoawq" else save_quantized
-    save(model, args.out)
-    tokenizer.save_pretrained(args.out)
+    if gguf:
+        from .gguf_export import save_gguf
+
+        save_gguf(model, args.out, tokenizer)
+    else:
+        save = save_autoawq if args.format == "autoawq" else save_quantized
+        save(model, args.out)
+        tokenizer.save_pretrained(args.out)
     after = linear_weight_bytes(model)
     print(f"{args.method} g{args.group_size}: quantized in {seconds:.1f} s; decoder Linear weights "
           f"{before / 2**20:.1f} MB -> {after / 2**20:.1f} MB ({before / after:.1f}x smaller); "
-          f"wrote {args.format} checkpoint to {args.out}")
+          f"wrote {args.format} {'file' if gguf else 'checkpoint'} to {args.out}")
 
 
 def cmd_eval(args) -> None:
@@ -186,18 +206,19 @@ def cmd_info(args) -> None:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="awqtensor", description="Activation-aware int4 weight quantization.")
+    parser = _Parser(prog="awqtensor", description="Activation-aware int4 weight quantization.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     q = sub.add_parser("quantize", help="quantize a float model directory and save it")
     q.add_argument("model_dir", help="Hugging Face model directory, or 'smollm2' for the bundled model")
-    q.add_argument("--out", required=True, help="output directory")
+    q.add_argument("--out", required=True, help="output directory (a .gguf file with --format gguf)")
     q.add_argument("--method", choices=("awq", "rtn"), default="awq")
     q.add_argument("--group-size", type=int, default=128)
     q.add_argument("--calib", help="calibration text file (needed by --method awq)")
     q.add_argument("--calib-samples", type=int, default=128, help="calibration sequences (AutoAWQ's default)")
     q.add_argument("--seq-len", type=int, default=512)
-    q.add_argument("--format", choices=FORMATS, default="awqtensor")
+    q.add_argument("--format", choices=FORMATS, default="awqtensor",
+                   help="awqtensor (default), autoawq (AutoAWQ/vLLM), gguf (a llama.cpp file of Q4_1 blocks)")
     q.add_argument("--activations", choices=("int8",), default=None,
                    help="int8: W4A8, int8 dynamic activations where a call is large enough to gain (default: weight-only)")
     q.add_argument("--dtype", choices=tuple(DTYPES), default="float32")
@@ -238,7 +259,7 @@ def main(argv=None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     try:
         args.run(args)
-    except (CLIError, FileNotFoundError, ValueError, TypeError) as err:
+    except (CLIError, FileNotFoundError, ValueError, TypeError, ImportError) as err:
         print(f"awqtensor {args.command}: error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -85,6 +85,10 @@ class AWQConfig(_Int4WeightConfig):
         too few tokens to estimate its activations. One warning says how many did.
     step: None runs calibration and conversion in one call; "prepare" and "convert"
     split them for users running their own forward passes in between.
+    act_scale: True stores AWQ's 1/s on the Linears of a group whose scale no earlier op can
+        absorb (o_proj under grouped-query attention: the weight multiplies its input by
+        it). False keeps scale 1 there (clipping is still searched): for formats without a
+        per-input scale, such as llama.cpp's GGUF (``save_gguf``).
     base_config: a torchao per-module config (e.g. ``Int8WeightOnlyConfig()``): the search
     scores every candidate with that config's own quantization, folds the scales, and
     torchao's handler converts the Linears instead of awqtensor's int4 (one-call AWQ
@@ -103,6 +107,7 @@ class AWQConfig(_Int4WeightConfig):
     search_tokens: Optional[int] = None
     min_expert_tokens: int = 32
     step: Optional[str] = None
+    act_scale: bool = True
     base_config: Optional[AOBaseConfig] = None
 
     def __post_init__(self):
@@ -118,7 +123,7 @@ class AWQConfig(_Int4WeightConfig):
             _check_positive_int(owner, "search_tokens", self.search_tokens)
         if self.duo_scaling not in (True, False, "both"):
             raise ValueError(f"{owner}: duo_scaling must be True, False or 'both', got {self.duo_scaling!r}")
-        for name in ("clip",):
+        for name in ("clip", "act_scale"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{owner}: {name} must be True or False, got {getattr(self, name)!r}")
         if not isinstance(self.max_shrink, (int, float)) or not 0.0 <= self.max_shrink < 1.0:
@@ -126,6 +131,9 @@ class AWQConfig(_Int4WeightConfig):
                              f"range clipping may cut; got {self.max_shrink!r}")
         if self.step not in AWQ_STEPS:
             raise ValueError(f"{owner}: step must be one of {AWQ_STEPS}, got {self.step!r}")
+        if not self.act_scale and self.step is not None:
+            raise ValueError(f"{owner}: act_scale=False needs one-call AWQ (step=None): the two-step path keeps "
+                             f"every scale in act_scale")
         if self.base_config is not None:
             from .calibration import torchao_base
 

@@ -74,6 +74,20 @@ def test_quantize_info_eval_in_both_formats(workdir, capsys):
     assert ppl["native"] != ppl["float"]  # the quantized weights are what was evaluated
 
 
+def test_quantize_to_gguf(workdir, capsys):
+    """AWQ straight to a llama.cpp file: o_proj (grouped-query attention, nothing can fold its
+    scale) keeps scale 1 instead of an act_scale GGUF could not hold."""
+    gguf = pytest.importorskip("gguf")
+    out_file = workdir / "model.gguf"
+    code, out, err = run(capsys, "quantize", workdir / "float", "--out", out_file, "--method", "awq",
+                         "--calib", workdir / "calib.txt", "--calib-samples", "4", "--seq-len", "64",
+                         "--group-size", "32", "--format", "gguf")
+    assert code == 0, err
+    assert f"wrote gguf file to {out_file}" in out
+    types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(out_file).tensors}
+    assert sum(v == "Q4_1" for v in types.values()) == 14 and types["blk.0.attn_output.weight"] == "Q4_1"
+
+
 def test_generate_streams_and_reports_speed(workdir, capsys):
     """awqtensor generate on the float and the quantized directories (the byte tokenizer has
     no chat template: the prompt goes as is): the streamed text is the greedy continuation."""
@@ -99,10 +113,17 @@ def test_generate_streams_and_reports_speed(workdir, capsys):
     (["generate", "{float}", "--prompt", "hi", "--max-new-tokens", "0"], "--max-new-tokens must be at least 1"),
     (["generate", "no/such/dir", "--prompt", "hi"], "does not exist"),
     (["quantize", "{float}", "--out", "x", "--method", "rtn", "--group-size", "48"], "group_size"),
+    (["quantize", "{float}", "--out", "x", "--method", "rtn", "--format", "onnx"], "invalid choice: 'onnx'"),
+    (["quantize", "{float}", "--out", "x", "--method", "rtn", "--format", "gguf"], "ending in .gguf"),
+    (["quantize", "{float}", "--out", "x.gguf", "--method", "rtn", "--format", "gguf", "--activations", "int8"],
+     "llama.cpp chooses"),
 ])
 def test_bad_input_is_one_line_and_exit_2(workdir, capsys, argv, match):
     argv = [a.format(float=workdir / "float") for a in argv]
-    code, out, err = run(capsys, *argv)
+    try:
+        code, out, err = run(capsys, *argv)
+    except SystemExit as exit:  # argparse's own checks
+        code, (out, err) = exit.code, capsys.readouterr()
     assert code == 2
     assert len(err.strip().splitlines()) == 1 and match in err, err
 

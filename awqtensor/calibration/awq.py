@@ -211,13 +211,14 @@ def _calibrate_mapping(block, mapping: Mapping, inputs, masks, config, where: st
     hook = scaled_input if base is not None else quantized_input if config.activations else None
     hooks = [lin.register_forward_pre_hook(hook) for lin in linears] if hook else []
     try:
-        return _search_and_fold(block, mapping, linears, originals, capture, config, label, trying)
+        return _search_and_fold(block, mapping, linears, originals, capture, config, label, trying,
+                                search=config.act_scale or mapping.fold != "act_scale")
     finally:
         for h in hooks:
             h.remove()
 
 
-def _search_and_fold(block, mapping, linears, originals, capture, config, label, trying):
+def _search_and_fold(block, mapping, linears, originals, capture, config, label, trying, search=True):
     gs = config.group_size
     x_mean = (capture.stats.abs_sum / capture.stats.tokens).float()
     grams = (capture.stats.grams / capture.stats.tokens).float()
@@ -239,10 +240,14 @@ def _search_and_fold(block, mapping, linears, originals, capture, config, label,
 
     w_mean = weight_profile(originals, gs)
     fake = (lambda ws: torchao_base.fake_quantize(ws, base)) if base is not None else None
-    s, choice, before, after = search_scale(
-        lambda s: loss_with([w * s for w in originals], s), x_mean, w_mean, config.n_grid, config.duo_scaling,
-        screen_fn=lambda s: moment_loss(originals, grams, s, gs, config.zero_point, fake),
-        finalists=config.n_finalists)
+    if search:
+        s, choice, before, after = search_scale(
+            lambda s: loss_with([w * s for w in originals], s), x_mean, w_mean, config.n_grid, config.duo_scaling,
+            screen_fn=lambda s: moment_loss(originals, grams, s, gs, config.zero_point, fake),
+            finalists=config.n_finalists)
+    else:  # act_scale=False and nothing can fold a scale: scale 1, clipping only
+        s, choice = torch.ones_like(x_mean), "scale 1 (act_scale=False)"
+        before = after = loss_with(list(originals), s)
     if not math.isfinite(after):
         warnings.warn(f"{label}: no scale gave a finite loss; using scale 1", stacklevel=5)
     scaled = [w * s for w in originals]
@@ -266,6 +271,8 @@ def _search_and_fold(block, mapping, linears, originals, capture, config, label,
             lin.weight = nn.Parameter(w, requires_grad=False)
         else:
             lin.weight.data = w / s if mapping.fold == "act_scale" else w
+    if not search:
+        return None
     apply_fold(block, mapping, s)
     return s if mapping.fold == "act_scale" else None
 
