@@ -29,6 +29,7 @@ from .config import AWQConfig, RTNConfig, awq_config, rtn_config
 from .fusion import fuse_
 from .generation import fast_generate_, generate
 from .gguf_export import save_gguf
+from . import hf  # noqa: F401,E402  registers "awqtensor" with transformers' from_pretrained
 from .head import Int8HeadTensor, quantize_head_
 from .serialization import load_quantized, save_quantized
 from .tensor import Int4AWQTensor
