@@ -34,10 +34,19 @@ SMOKE_SHAPES = {"smoke 64x128": (64, 128)}
 SMOKE_MS = (1, 16, 17)
 
 
-def timer(device):
+def timer(device, cudagraph=False):
     if device.type == "cuda":
-        from triton.testing import do_bench
+        from triton.testing import do_bench, do_bench_cudagraph
 
+        if cudagraph:  # replayed from a CUDA graph: the GPU's time alone, no Python launch cost
+            def graphed(fn):
+                try:
+                    return do_bench_cudagraph(fn, rep=50)
+                except Exception as err:  # a call that cannot be captured
+                    print(f"not capturable: {type(err).__name__}: {str(err)[:120]}")
+                    return float("nan")
+
+            return graphed
         return lambda fn: do_bench(fn, warmup=10, rep=50)
     import time
 
@@ -72,14 +81,17 @@ def main():
     parser.add_argument("--smoke", action="store_true", help="tiny shapes (for the interpreter, no GPU)")
     parser.add_argument("--write-thresholds", action="store_true")
     parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument("--ms", type=int, nargs="+", help=f"the M values (default {MS})")
+    parser.add_argument("--cudagraph", action="store_true",
+                        help="time CUDA-graph replays: kernel time without the Python launch cost")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cpu":
         if not args.smoke or not triton_kernels.interpreting():
             raise SystemExit("no CUDA device: run with TRITON_INTERPRET=1 and --smoke to check the script")
         os.environ["AWQTENSOR_BACKEND"] = "triton"
-    shapes, ms = (SMOKE_SHAPES, SMOKE_MS) if args.smoke else (SHAPES, MS)
-    bench = timer(device)
+    shapes, ms = (SMOKE_SHAPES, SMOKE_MS) if args.smoke else (SHAPES, tuple(args.ms or MS))
+    bench = timer(device, args.cudagraph)
     name = tuning.device_name(device)
     rows = []
     gs = args.group_size if not args.smoke else 32
@@ -115,10 +127,12 @@ def main():
                 rows.append({"device": name, "shape": shape, "N": n, "K": k, "M": m, "method": method,
                              "ms": ms_, "GB/s": moved / ms_ / 1e6, "TFLOP/s": 2 * m * n * k / ms_ / 1e9,
                              "speedup": times["fp16 matmul"] / ms_, "group_size": gs,
-                             "chosen": gpu.choose(m, device) if "auto" in method else "", **provenance()})
+                             "chosen": gpu.choose(m, device) if "auto" in method else "",
+                             "timing": "cuda graph" if args.cudagraph else "launches", **provenance()})
             best = {r["method"]: r["speedup"] for r in rows[-len(times):]}
             print(f"{shape:<20} M={m:<5} " + "  ".join(f"{k_}: {v:.2f}x" for k_, v in best.items()), flush=True)
-    csv_path = write_csv(Path(args.out) / f"gpu_kernels_{slug(name)}.csv", rows)
+    suffix = "_cudagraph" if args.cudagraph else ""
+    csv_path = write_csv(Path(args.out) / f"gpu_kernels_{slug(name)}{suffix}.csv", rows)
     print(f"wrote {csv_path}")
     try:
         import matplotlib

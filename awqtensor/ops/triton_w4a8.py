@@ -44,7 +44,7 @@ def _w4a8_kernel(xq_ptr, d_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr,
             if DOT_FP32:
                 dots += tl.dot(x.to(tl.float32), q.to(tl.float32)).to(tl.int32)
             else:
-                dots = tl.dot(x, q.to(tl.int8), dots)
+                dots = tl.dot(x, q.to(tl.int8), dots, out_dtype=tl.int32)
         d = tl.load(d_ptr + rm * G + g, mask=m_ok, other=0)
         s = tl.load(s_ptr + rn * G + g, mask=n_ok, other=0).to(tl.float32)
         acc += dots.to(tl.float32) * d[:, None] * s[None, :]

@@ -25,7 +25,9 @@ import torch
 
 log = logging.getLogger("awqtensor")
 
-DEFAULT_THRESHOLDS = {"gemv_max_m": 16, "gemm_max_m": 1024}  # not yet measured on a GPU
+# Measured on an H200 (benchmarks/results/gpu/, CUDA-graph timing, Llama-3-8B shapes): the gemv
+# kernel wins only at M=1, and dequantize + cuBLAS beats the Triton gemm at every larger M.
+DEFAULT_THRESHOLDS = {"gemv_max_m": 1, "gemm_max_m": 0}
 
 CANDIDATES = {
     "gemv": [dict(block_n=bn, block_k=bk, split_k=sk)

@@ -43,9 +43,11 @@ CPU_KERNELS = ("scalar", "avx2", "avx512_vnni", "amx", "neon_dotprod")  # the CP
 # native bf16 they may not: unmeasured, so off).
 CPU_WINDOW = {"amx": (16, 512), "avx512_vnni": (None, None), "avx2": (None, None), "scalar": (None, None),
               "neon_dotprod": (None, None)}  # ARM: tested under qemu, never timed
-# Not measured on a GPU yet: torchao's choice (every call of more than one token) would
-# send decode batches to int8 too; 64 keeps small batches on the weight-only GEMV/GEMM.
+# Under TRITON_INTERPRET=1 (the tests) calls of at least CUDA_MIN_M rows take the Triton W4A8
+# GEMM. On a real GPU it stays off: on an H200 it ran at 0.06-0.15x of an fp16 matmul at every
+# M, slower than the weight-only route (benchmarks/results/gpu/, CUDA-graph timing).
 CUDA_MIN_M = 64
+CUDA_W4A8 = False
 
 
 def check_mode(owner: str, activations) -> None:
@@ -140,6 +142,9 @@ def reasons(m: int, device: torch.device, group_size: int, packing_format: str) 
     elif packing_format == packing.TRITON:
         if not (device.type == "cuda" or _interpreting()):
             why["w4a8"] = "the 'triton' layout runs on CUDA (or under TRITON_INTERPRET=1)"
+        elif device.type == "cuda" and not CUDA_W4A8:
+            why["w4a8"] = ("the Triton W4A8 GEMM measured slower than weight-only on an H200 (0.06-0.15x of "
+                           "an fp16 matmul): off until it is fast")
         elif m < CUDA_MIN_M:
             why["w4a8"] = f"M={m} < {CUDA_MIN_M}: weight-only is as fast where the weight's bytes are the cost"
     elif device.type == "cpu":
