@@ -68,8 +68,8 @@ def to_gemm(weight: Int4AWQTensor, name: str = "weight") -> dict[str, torch.Tens
     g = weight.group_size
     if weight.act_scale is not None:
         raise ValueError(f"{name} keeps an activation scale (AWQ found nothing to fold it into); the AutoAWQ "
-                         f"format has no place for it: save with awqtensor.save_quantized, or quantize with "
-                         f"awqtensor.quantize_ on the whole model so the scales fold into norms and Linears")
+                         f"format has no place for it: quantize with awq_config(..., act_scale=False) (that "
+                         f"group keeps scale 1), or save with awqtensor.save_quantized")
     if g not in GROUP_SIZES:
         raise ValueError(f"{name} has group size {g}; AutoAWQ checkpoints (and vLLM) take {GROUP_SIZES}: "
                          f"re-quantize with one of those")

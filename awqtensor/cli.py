@@ -99,9 +99,9 @@ def cmd_quantize(args) -> None:
     if gguf and args.activations:
         raise CLIError("--activations belongs to awqtensor's formats; llama.cpp chooses its own activation types")
     if args.method == "awq":  # configs first: a bad option fails before the model loads
-        # GGUF has no per-input scale: groups nothing can fold keep scale 1 (act_scale=False).
+        # AutoAWQ and GGUF have no per-input scale: groups nothing can fold keep scale 1.
         config = awq_config(group_size=args.group_size, n_samples=args.calib_samples, seq_len=args.seq_len,
-                            activations=args.activations, act_scale=not gguf)
+                            activations=args.activations, act_scale=args.format == "awqtensor")
     else:
         config = rtn_config(group_size=args.group_size, activations=args.activations)
     model = AutoModelForCausalLM.from_pretrained(source, dtype=DTYPES[args.dtype]).eval()

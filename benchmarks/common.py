@@ -40,9 +40,10 @@ def slug(text: str) -> str:
 
 
 def write_csv(path: Path, rows: list[dict]) -> Path:
+    """Rows may differ in their keys: the columns are their union, in first-seen order."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for row in rows for k in row)), restval="")
         writer.writeheader()
         writer.writerows(rows)
     return path
