@@ -124,9 +124,7 @@ def _child(module, dotted):
 
 
 def _tied(model, head) -> bool:
-    embed = model.get_input_embeddings().weight
-    return head.weight is embed or (getattr(model.config, "tie_word_embeddings", False)
-                                    and head.weight.data_ptr() == embed.data_ptr())
+    return head.weight is model.get_input_embeddings().weight  # transformers ties by sharing the Parameter
 
 
 def _weight_and_bias(module):

@@ -73,9 +73,6 @@ class AwqTensorQuantizer(HfQuantizer):
     requires_calibration = True
     parts = serialization.FIELDS  # the stored parts of "<module>.weight"
 
-    def __init__(self, quantization_config, **kwargs):
-        super().__init__(quantization_config, **kwargs)
-
     @property
     def serialized_names(self):
         return {"weight": [f"weight.{part}" for part in self.parts]}

@@ -100,6 +100,15 @@ def test_fused_model_writes_the_same_file(tmp_path, tokenizer):
     assert save_gguf(model, tmp_path / "fused.gguf", tokenizer).read_bytes() == plain
 
 
+def test_8bit_head_is_written_as_its_float_values(tmp_path, tokenizer):
+    model = tiny("llama")
+    awqtensor.quantize_(model, awqtensor.rtn_config(group_size=32))
+    awqtensor.quantize_head_(model)
+    _, tensors = read(save_gguf(model, tmp_path / "m.gguf", tokenizer, float_type="f32"))
+    assert tensors["output.weight"].tensor_type.name == "F32"
+    assert torch.equal(dequantized(tensors["output.weight"]).float(), model.lm_head.weight.dequantize())
+
+
 def test_tokenizer_metadata(tmp_path, tokenizer):
     model = tiny("llama")
     tokenizer.chat_template = "{{ messages[0]['content'] }}"
