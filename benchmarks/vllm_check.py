@@ -17,7 +17,8 @@ kernel, ``fuse_``). Compared on held-aside Wikipedia text: the log-probability o
 63 given tokens after its prefix (teacher-forced: largest and mean difference, and each
 engine's mean NLL), and how many greedy tokens after a ``--prompt-tokens`` prompt agree
 from the start (per prompt; a near-tie ends the agreement, so this is the weaker check).
-Then tokens/s at batch 1, 8 and 32, ``--speed-tokens`` new tokens, one engine at a time.
+Then tokens/s at batch 1, 8 and 32, ``--speed-tokens`` new tokens, one engine at a time;
+awqtensor also with ``activations="int8"`` (its W4A8, where the CPU's window of M allows).
 Output: ``benchmarks/results/vllm_cpu.csv``.
 """
 
@@ -105,6 +106,18 @@ def run_vllm(python: str, request: dict, workdir: Path, w4a8: bool) -> tuple[dic
     return json.loads(answer.read_text()), kernel.group(1) if kernel else "?"
 
 
+def with_int8_activations(model):
+    """A copy of ``model`` whose int4 weights run W4A8 (``activations="int8"``) where the CPU's
+    window of M allows (AMX: 16..511 rows)."""
+    import copy
+
+    model = copy.deepcopy(model)
+    for module in model.modules():
+        if isinstance(getattr(module, "weight", None), awqtensor.Int4AWQTensor):
+            module.weight = torch.nn.Parameter(module.weight._replace(activations="int8"), requires_grad=False)
+    return model
+
+
 def awqtensor_speed(model, prompts, batches, n) -> dict[int, float]:
     speed = {}
     awqtensor.generate(model, torch.tensor(prompts[:1]), 8)  # warm (first call builds the step)
@@ -133,10 +146,11 @@ def check(python: str, methods, group_size: int, max_tokens: int, batches, speed
         for i, method in enumerate(methods):
             path = export(method, group_size, Path(tmp) / method, calib)
             model = awqtensor.load_autoawq(path, dtype=torch.float32)
+            w4a8_model = awqtensor.fuse_(with_int8_activations(model))
             awqtensor.fuse_(model)
             ours = awqtensor_scores(model, sequences, prompts, max_tokens)
             speed_batches = list(batches) if i == 0 else []  # speed does not depend on the weights' values
-            ours_speed = None
+            ours_speed = ours_w4a8 = None
             for mode in modes:
                 w4a8 = MODES[mode]
                 request = {"model": str(path), "sequences": sequences, "prompts": prompts, "max_tokens": max_tokens,
@@ -144,6 +158,7 @@ def check(python: str, methods, group_size: int, max_tokens: int, batches, speed
                 theirs, kernel = run_vllm(python, request, Path(tmp), w4a8)
                 if speed_batches and ours_speed is None:  # after vLLM has exited: one engine at a time
                     ours_speed = awqtensor_speed(model, prompts, speed_batches, speed_tokens)
+                    ours_w4a8 = awqtensor_speed(w4a8_model, prompts, speed_batches, speed_tokens)
                 stats = compare(ours, theirs)
                 base = {"method": f"{method} g{group_size}", "vllm_mode": mode, "vllm": theirs["vllm"],
                         "vllm_kernel": kernel, **stats, "device": device}
@@ -156,9 +171,11 @@ def check(python: str, methods, group_size: int, max_tokens: int, batches, speed
                     b = entry["batch"]
                     rows.append({**base, "batch": b, "vllm_tokens_per_s": round(entry["tokens_per_s"], 1),
                                  "awqtensor_tokens_per_s": round(ours_speed[b], 1),
+                                 "awqtensor_w4a8_tokens_per_s": round(ours_w4a8[b], 1),
                                  "ratio": round(ours_speed[b] / entry["tokens_per_s"], 2), **provenance()})
                     print(f"  batch {b:<3} vLLM {entry['tokens_per_s']:7.1f} tokens/s   awqtensor "
-                          f"{ours_speed[b]:7.1f} ({ours_speed[b] / entry['tokens_per_s']:.2f}x)", flush=True)
+                          f"{ours_speed[b]:7.1f} ({ours_speed[b] / entry['tokens_per_s']:.2f}x), W4A8 "
+                          f"{ours_w4a8[b]:7.1f}", flush=True)
     return rows
 
 
