@@ -100,15 +100,14 @@ def _tensors(model, arch, float_type):
             module = _child(layer, hf)
             if module is None:
                 raise ValueError(f"model.layers.{i}.{hf} is missing: save_gguf needs Llama's module names")
-            rows = None
+            weight, bias, rows = _source(module)
             if arch == "llama" and name in ("attn_q", "attn_k"):  # HF's rotate-half rows -> llama.cpp's pairs
-                rows = _rope_permutation(module.out_features, heads if name == "attn_q" else kv_heads)
-            weight, bias = _weight_and_bias(module)
+                order = _rope_permutation(module.out_features, heads if name == "attn_q" else kv_heads)
+                rows = order if rows is None else rows[order]
             data, kind = _linear(weight, rows, float_type, f"model.layers.{i}.{hf}")
             yield f"blk.{i}.{name}.weight", data, kind
             if bias is not None:
-                b = bias.detach() if rows is None else bias.detach()[rows]
-                yield f"blk.{i}.{name}.bias", _float(b, "f32"), "f32"
+                yield f"blk.{i}.{name}.bias", _float(bias if rows is None else bias[rows], "f32"), "f32"
     yield "output_norm.weight", _float(base.norm.weight, "f32"), "f32"
     head = model.get_output_embeddings()
     if head is not None and not _tied(model, head):
@@ -127,35 +126,35 @@ def _tied(model, head) -> bool:
     return head.weight is model.get_input_embeddings().weight  # transformers ties by sharing the Parameter
 
 
-def _weight_and_bias(module):
-    """A Linear's weight and bias; a slice of a fused Linear gives its own rows."""
+def _source(module):
+    """(weight, bias, rows): a slice of a fused Linear reads its rows of the fused weight and bias."""
     if isinstance(module, LinearSlice):
         fused = module.fused
         start = sum(fused.sizes[:module.index])
-        stop = start + fused.sizes[module.index]
-        bias = None if fused.bias is None else fused.bias[start:stop]
-        return (fused.weight, slice(start, stop)), bias
-    return module.weight, module.bias
+        return fused.weight, fused.bias, torch.arange(start, start + fused.sizes[module.index])
+    return module.weight, module.bias, None
+
+
+def _plain(t: torch.Tensor) -> torch.Tensor:
+    """The tensor a parameter holds; an 8-bit head or embedding gives its float values."""
+    t = t.data if isinstance(t, nn.Parameter) else t
+    return t.dequantize() if type(t) is not torch.Tensor and not isinstance(t, Int4AWQTensor) else t
 
 
 def _float(t: torch.Tensor, float_type: str) -> np.ndarray:
-    t = t.data if isinstance(t, nn.Parameter) else t
-    if type(t) is not torch.Tensor:  # an 8-bit head or embedding, an int4 weight: its float values
+    t = _plain(t)
+    if isinstance(t, Int4AWQTensor):
         t = t.dequantize()
     dtype = torch.float16 if float_type == "f16" else torch.float32
     return t.detach().to("cpu", dtype).contiguous().numpy()
 
 
 def _linear(weight, rows, float_type, where):
-    """One Linear's weight as Q4_1/Q4_0 bytes (int4) or float."""
-    part = None
-    if isinstance(weight, tuple):  # (fused weight, its rows)
-        weight, part = weight
-    w = weight.data if isinstance(weight, nn.Parameter) else weight
+    """One Linear's weight (``rows`` of it, in that order, if given) as Q4_1/Q4_0 bytes (int4)
+    or float."""
+    w = _plain(weight)
     if not isinstance(w, Int4AWQTensor):
-        w = w.dequantize() if type(w) is not torch.Tensor else w
-        w = w.detach() if part is None else w.detach()[part]
-        return _float(w if rows is None else w[rows], float_type), float_type
+        return _float(w if rows is None else w.detach()[rows], float_type), float_type
     n, k = w.shape
     if w.act_scale is not None:
         raise ValueError(f"{where}: its int4 weight carries an act_scale (an AWQ scale no earlier op could "
@@ -168,9 +167,6 @@ def _linear(weight, rows, float_type, where):
     codes = packing.unpack_nibbles(w.plain_qweight().cpu(), w.k_padded)[:, :k]
     scales = w.scales.detach().cpu().float()
     zeros = None if w.zeros is None else w.zeros.detach().cpu().float()
-    if part is not None:
-        codes, scales = codes[part], scales[part]
-        zeros = None if zeros is None else zeros[part]
     if rows is not None:
         codes, scales = codes[rows], scales[rows]
         zeros = None if zeros is None else zeros[rows]

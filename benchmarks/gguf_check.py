@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 import awqtensor
 from awqtensor import evaluation, smollm2
-from common import provenance, write_csv
+from common import cpu_device, provenance, write_csv
 from llama_cpp_peer import _quiet, gguf as llama_cpp_gguf, unavailable
 
 
@@ -71,7 +71,7 @@ def main():
 
     def row(method, engine, ppl, **extra):
         rows.append({"method": method, "engine": engine, "perplexity": round(ppl, 3), **extra,
-                     "windows": args.windows, **provenance()})
+                     "windows": args.windows, "device": cpu_device(args.threads), **provenance()})
         print(f"{method:<34} {engine:<12} perplexity {ppl:7.3f}  " + "  ".join(f"{k} {v}" for k, v in extra.items()),
               flush=True)
 
