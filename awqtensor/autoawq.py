@@ -46,6 +46,9 @@ def pack_columns(codes: torch.Tensor) -> torch.Tensor:
     r, c = codes.shape
     if c % 8:
         raise ValueError(f"AutoAWQ packs 8 columns per int32; {c} columns is not a multiple of 8")
+    if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) > 15):
+        raise ValueError(f"4-bit codes must lie in 0..15, got {int(codes.min())}..{int(codes.max())}: they would "
+                         f"spill into their neighbours' bits")
     c8 = codes.to(torch.int64).reshape(r, c // 8, 8)[..., list(ORDER)]
     words = (c8 << (4 * torch.arange(8))).sum(-1)
     return (words - (words >= 2**31).long() * 2**32).to(torch.int32)  # two's complement into int32
@@ -81,8 +84,13 @@ def to_gemm(weight: Int4AWQTensor, name: str = "weight") -> dict[str, torch.Tens
         raise ValueError(f"{name} has out_features {n}, not a multiple of 8, which AutoAWQ packs per int32")
     codes = packing.unpack_nibbles(weight.plain_qweight(), k)  # [N, K]
     zeros = weight.zeros if weight.zeros is not None else torch.full_like(codes[:, :k // g], quant.SYMMETRIC_ZERO)
+    scales = weight.scales.T.to(torch.float16).contiguous()
+    if not torch.isfinite(scales).all():
+        raise ValueError(f"{name} has a scale beyond fp16's range (largest {weight.scales.abs().max().item():.4g}; "
+                         f"fp16 holds up to 65504), which AutoAWQ checkpoints store in fp16; save with "
+                         f"awqtensor.save_quantized instead")
     return {"qweight": pack_columns(codes.T.contiguous()), "qzeros": pack_columns(zeros.T.contiguous()),
-            "scales": weight.scales.T.to(torch.float16).contiguous()}
+            "scales": scales}
 
 
 def from_gemm(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, group_size: int,
@@ -180,13 +188,15 @@ def load_autoawq(path, dtype: torch.dtype | None = None, device="cpu") -> nn.Mod
     return model.to(device) if torch.device(device).type != "cpu" else model
 
 
-def save_autoawq(model: nn.Module, path, shard_size="5GB", dtype: torch.dtype = torch.float16) -> Path:
+def save_autoawq(model: nn.Module, path, shard_size="5GB", dtype: torch.dtype = torch.float16,
+                 overwrite: bool = False) -> Path:
     """Write ``model`` (a quantized transformers model) as an AutoAWQ GEMM checkpoint that
     vLLM's and transformers' AWQ loaders read. Float tensors are cast to ``dtype`` (AWQ
     kernels run in fp16), and so are the scales. Raises ValueError naming the Linear and
-    what to change when the format cannot hold a weight. An 8-bit head
-    (``quantize_head_``) is written dequantized: the format has no 8-bit tensors."""
-    path = Path(path)
+    what to change when the format cannot hold a weight (a value beyond ``dtype``'s range
+    included). An 8-bit head (``quantize_head_``) is written dequantized: the format has no
+    8-bit tensors. Written beside ``path`` and moved into place when complete, with
+    ``save_quantized``'s rules for an existing ``path`` and ``overwrite``."""
     quantized = {n: m for n, m in model.named_modules() if isinstance(getattr(m, "weight", None), Int4AWQTensor)}
     if not quantized:
         raise ValueError("the model has no Int4AWQTensor weights; quantize it with awqtensor.quantize_ first")
@@ -207,8 +217,13 @@ def save_autoawq(model: nn.Module, path, shard_size="5GB", dtype: torch.dtype = 
             tensors[name] = value.dequantize().to(dtype)
         else:
             tensors[name] = value.to(dtype) if value.is_floating_point() else value
+        cast = tensors.get(name)
+        if cast is not None and cast.is_floating_point() and not torch.isfinite(cast).all():
+            raise ValueError(f"{name} holds values beyond {dtype}'s range (or inf/nan) once cast to it; save in a "
+                             f"wider dtype (save_autoawq(..., dtype=torch.bfloat16)) or with awqtensor.save_quantized")
     tensors = checkpoint.drop_tied(model, tensors)
     config = model.config.to_dict()
+    path = checkpoint.check_destination(path, config, checkpoint.model_source(model), overwrite)
     rename = _to_mixtral_names if _mixtral_style(config) else (lambda name: name)
     tensors = {rename(name): t for name, t in tensors.items()}
     linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
@@ -216,9 +231,10 @@ def save_autoawq(model: nn.Module, path, shard_size="5GB", dtype: torch.dtype = 
         "quant_method": "awq", "bits": 4, "group_size": group_sizes.pop(), "zero_point": True, "version": "gemm",
         "modules_to_not_convert": sorted(rename(n) for n in linears if n not in quantized) or None}
     config["torch_dtype"] = config["dtype"] = str(dtype).removeprefix("torch.")
-    checkpoint.write_tensors(tensors, path, shard_size, desc="saving AutoAWQ")
-    checkpoint.write_config(config, path)
-    checkpoint.copy_side_files(model, path)
+    with checkpoint.staged_directory(path) as stage:
+        checkpoint.write_tensors(tensors, stage, shard_size, desc="saving AutoAWQ")
+        checkpoint.copy_side_files(model, stage)
+        checkpoint.write_config(config, stage)
     return path
 
 

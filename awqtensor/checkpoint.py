@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import shutil
+import tempfile
+import threading
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -65,7 +68,9 @@ def weight_files(path) -> dict[str, Path]:
             weight_map = json.loads((path / INDEX).read_text())["weight_map"]
         except (json.JSONDecodeError, KeyError) as err:
             raise ValueError(f"{path / INDEX} is not a safetensors index (no weight_map)") from err
-        files = {name: path / file for name, file in weight_map.items()}
+        if not isinstance(weight_map, dict):
+            raise ValueError(f"{path / INDEX}: weight_map is not a mapping of tensor names to file names")
+        files = {name: path / shard_name(file, path) for name, file in weight_map.items()}
         for file in sorted(set(files.values())):
             if not file.is_file():
                 raise FileNotFoundError(f"{file.name}, named in {INDEX}, is missing from {path}")
@@ -77,6 +82,18 @@ def weight_files(path) -> dict[str, Path]:
     raise FileNotFoundError(f"{path} has neither {SINGLE} nor {INDEX}{hint}")
 
 
+def shard_name(name, path) -> str:
+    """``name`` if it is a plain file name (no directory part, not absolute, not "." or
+    ".."), so that it resolves inside the checkpoint directory ``path``; else ValueError.
+    Every reader goes through this before it opens anything an index names."""
+    if (not isinstance(name, str) or not name or name in (".", "..") or "/" in name or "\\" in name
+            or "\0" in name or os.path.isabs(name) or Path(name).name != name):
+        raise ValueError(f"{Path(path) / INDEX} names the weight file {name!r}, which is not a plain file name "
+                         f"inside {path}; the index is corrupted or crafted: nothing was read (re-save or "
+                         f"re-download the checkpoint)")
+    return name
+
+
 def _keys(file: Path) -> list[str]:
     try:
         with safetensors.safe_open(str(file), framework="pt") as f:
@@ -85,31 +102,42 @@ def _keys(file: Path) -> list[str]:
         raise ValueError(f"{file} is not a readable safetensors file ({err}); it may be truncated") from err
 
 
-def sha256(tensor: torch.Tensor) -> str:
-    """Hex SHA-256 of ``tensor``'s bytes as safetensors stores them (row-major, little-endian)."""
-    data = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
-    return hashlib.sha256(data).hexdigest()
+DIGEST_SCHEME = "sha256(dtype,shape,bytes)"
+
+
+def digest(tensor: torch.Tensor) -> str:
+    """Hex SHA-256 of ``tensor``'s dtype, shape and bytes as safetensors stores them
+    (row-major, little-endian): a changed dtype or shape in a header changes it too."""
+    t = tensor.detach().cpu().contiguous()
+    h = hashlib.sha256(f"{str(t.dtype).removeprefix('torch.')}{list(t.shape)}".encode())
+    h.update(t.reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()
+
+
+def config_digest(fields: dict) -> str:
+    """Hex SHA-256 of the quantization fields of a config (canonical JSON)."""
+    return hashlib.sha256(json.dumps(fields, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 def _verify(name: str, tensor: torch.Tensor, expected: str | None, file: Path) -> None:
     if expected is None:
-        raise ValueError(f"{file}: {name} has no recorded checksum though the other tensors have; the "
+        raise ValueError(f"{file}: {name} has no recorded digest though the other tensors have; the "
                          f"checkpoint was changed after it was saved: re-save or re-download it")
-    if sha256(tensor) != expected:
-        raise ValueError(f"{file}: {name} does not match its recorded checksum; the checkpoint is "
-                         f"corrupted: re-save or re-download it")
+    if digest(tensor) != expected:
+        raise ValueError(f"{file}: {name} does not match its recorded digest (dtype, shape and bytes); the "
+                         f"checkpoint is corrupted: re-save or re-download it")
 
 
-def read_tensors(path, desc: str = "loading", checksums: dict[str, str] | None = None
+def read_tensors(path, desc: str = "loading", checksums: dict[str, str] | None = None, keep: bool = True
                  ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """(every tensor of the checkpoint, the first file's metadata), with a progress bar.
-    With ``checksums`` ({name: sha256 hex}), every tensor must match its own and every
-    checksum must have its tensor."""
+    With ``checksums`` ({name: ``digest`` hex}), every tensor must match its own and every
+    digest must have its tensor. ``keep=False`` only checks (the dict comes back empty)."""
     files = weight_files(path)
     if checksums is not None:
         absent = sorted(set(checksums) - set(files))
         if absent:
-            raise ValueError(f"{path}: {absent[0]} is missing: its checksum is recorded but no weight file holds "
+            raise ValueError(f"{path}: {absent[0]} is missing: its digest is recorded but no weight file holds "
                              f"it; the checkpoint is incomplete: re-save or re-download it")
     tensors, metadata = {}, None
     by_file: dict[Path, list[str]] = {}
@@ -124,9 +152,11 @@ def read_tensors(path, desc: str = "loading", checksums: dict[str, str] | None =
                     for name in names:
                         if name not in present:
                             raise ValueError(f"{name} is listed for {file.name} but missing from it")
-                        tensors[name] = f.get_tensor(name)
+                        tensor = f.get_tensor(name)
                         if checksums is not None:
-                            _verify(name, tensors[name], checksums.get(name), file)
+                            _verify(name, tensor, checksums.get(name), file)
+                        if keep:
+                            tensors[name] = tensor
                         bar.update()
             except (safetensors.SafetensorError, OSError) as err:
                 raise ValueError(f"{file} is not a readable safetensors file ({err}); it may be truncated") from err
@@ -135,10 +165,10 @@ def read_tensors(path, desc: str = "loading", checksums: dict[str, str] | None =
 
 def write_tensors(tensors: dict[str, torch.Tensor], path, shard_size="5GB", metadata: dict | None = None,
                   desc: str = "saving") -> list[str]:
-    """Write ``tensors`` as model.safetensors, or as shards of at most ``shard_size`` plus an
-    index when they don't fit in one; returns the file names. Stale weight files go first."""
+    """Write ``tensors`` into the directory ``path`` (a fresh staging directory: see
+    ``staged_directory``) as model.safetensors, or as shards of at most ``shard_size`` plus
+    an index when they don't fit in one; returns the file names. Deletes nothing."""
     path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
     limit = parse_size(shard_size)
     shards, current, size = [], {}, 0
     for name, t in tensors.items():
@@ -149,8 +179,6 @@ def write_tensors(tensors: dict[str, torch.Tensor], path, shard_size="5GB", meta
         current[name] = t.contiguous()
         size += nbytes
     shards.append(current)
-    for stale in [*path.glob("model*.safetensors"), path / INDEX]:
-        stale.unlink(missing_ok=True)
     names = [SINGLE] if len(shards) == 1 else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
                                                for i in range(len(shards))]
     for name, shard in tqdm(list(zip(names, shards)), desc=desc, unit="file", disable=None):
@@ -159,7 +187,92 @@ def write_tensors(tensors: dict[str, torch.Tensor], path, shard_size="5GB", meta
         index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values())},
                  "weight_map": {t: name for name, shard in zip(names, shards) for t in shard}}
         (path / INDEX).write_text(json.dumps(index, indent=2) + "\n")
+        names.append(INDEX)
     return names
+
+
+def _model_fields(config: dict) -> dict:
+    """What identifies a model in its config.json: everything but how it is stored."""
+    volatile = {"quantization_config", "_name_or_path", "name_or_path", "transformers_version", "dtype",
+                "torch_dtype", "architectures", "use_cache"}
+    return {k: v for k, v in config.items() if k not in volatile}
+
+
+def check_destination(path, config: dict | None = None, source=None, overwrite: bool = False) -> Path:
+    """Refuse (ValueError) to save into ``path`` when that would lose something: a path that
+    is a file, the directory the model was loaded from (``source``), or a directory holding
+    a different model (its config.json differs from ``config`` in more than how it is
+    stored), unless ``overwrite``. Returns ``path``."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{path} exists and is not a directory; choose a directory to save the checkpoint in")
+    if overwrite or not path.is_dir():
+        return path
+    if source and Path(str(source)).is_dir() and Path(str(source)).resolve() == path.resolve():
+        raise ValueError(f"{path} is the directory the model was loaded from; saving there would replace its "
+                         f"weights: choose another output directory, or pass overwrite=True (--overwrite)")
+    if config is not None and (path / "config.json").is_file():
+        try:
+            there = json.loads((path / "config.json").read_text())
+        except (OSError, json.JSONDecodeError):
+            there = None
+        ours = json.loads(json.dumps(config))  # as it would read back (int keys become strings)
+        if not isinstance(there, dict) or _model_fields(there) != _model_fields(ours):
+            raise ValueError(f"{path} already holds a different model (its config.json differs); choose another "
+                             f"output directory, or pass overwrite=True (--overwrite) to replace it")
+    return path
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _old_weight_files(path: Path) -> set[str]:
+    """The weight files the checkpoint now in ``path`` consists of (its index's shards, or
+    model.safetensors): the only files a save may remove, once the new ones are in place."""
+    old = {SINGLE} if (path / SINGLE).is_file() else set()
+    try:
+        weight_map = json.loads((path / INDEX).read_text())["weight_map"]
+        old |= {INDEX, *(shard_name(n, path) for n in set(weight_map.values()))}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        pass
+    return old
+
+
+@contextmanager
+def staged_directory(path):
+    """Yield a fresh staging directory beside ``path``; when the block ends without an
+    error, everything written there is fsynced and moved into ``path``: as a whole by one
+    rename when ``path`` does not exist, else file by file with config.json last, after
+    which the weight files of the checkpoint it replaced that the new one does not reuse
+    are removed (no other file is touched). On an error the staging directory is removed
+    and ``path`` is as it was."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent))
+    try:
+        yield stage
+        written = sorted(p.name for p in stage.iterdir())
+        for name in written:
+            _fsync(stage / name)
+        _fsync(stage)
+        if not path.exists():
+            os.rename(stage, path)
+        else:
+            stale = _old_weight_files(path) - set(written)
+            last = ["config.json"] if "config.json" in written else []
+            for name in [n for n in written if n != "config.json"] + last:
+                os.replace(stage / name, path / name)
+            for name in stale:
+                (path / name).unlink(missing_ok=True)
+        _fsync(path)
+        _fsync(path.parent)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
 
 
 def nonfinite_scales(state: dict) -> list[str]:
@@ -176,14 +289,19 @@ def nonfinite_scales(state: dict) -> list[str]:
 
 
 def write_config(config: dict, path) -> None:
+    """config.json into ``path`` (a staging directory)."""
     (Path(path) / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def model_source(model: nn.Module) -> str:
+    """The local directory (or hub name) ``model`` was loaded from, "" when unknown."""
+    return str(getattr(getattr(model, "config", None), "_name_or_path", "") or getattr(model, "name_or_path", ""))
 
 
 def copy_side_files(model: nn.Module, path) -> list[str]:
     """Copy the tokenizer and generation files from the directory ``model`` was loaded from,
-    when that is a local directory; returns what was copied."""
-    source = getattr(getattr(model, "config", None), "_name_or_path", "") or getattr(model, "name_or_path", "")
-    source, path = Path(str(source)), Path(path)
+    when that is a local directory, into ``path`` (a staging directory); returns what was copied."""
+    source, path = Path(model_source(model)), Path(path)
     if not str(source) or not source.is_dir() or source.resolve() == path.resolve():
         return []
     copied = []
@@ -194,22 +312,39 @@ def copy_side_files(model: nn.Module, path) -> list[str]:
     return copied
 
 
+_skeleton = threading.local()  # .active: this thread is building a skeleton
+_skeleton_lock = threading.Lock()
+_skeleton_users = 0
+_register_parameter = None  # nn.Module's own while the hook is installed
+
+
+def _register_on_meta(module, name, param):
+    _register_parameter(module, name, param)
+    if getattr(_skeleton, "active", False) and param is not None and param.device.type != "meta":
+        module._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+
+
 @contextmanager
 def _parameters_on_meta():
-    """Every parameter created inside goes to the meta device (buffers stay real), so a
-    model skeleton costs no memory and no random initialisation."""
-    register = nn.Module.register_parameter
-
-    def on_meta(module, name, param):
-        register(module, name, param)
-        if param is not None and param.device.type != "meta":
-            module._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
-
-    nn.Module.register_parameter = on_meta
+    """Every parameter this thread creates inside goes to the meta device (buffers stay
+    real), so a model skeleton costs no memory and no random initialisation. Other threads
+    are unaffected: the hook is installed while any thread builds a skeleton and acts only
+    for the threads that asked."""
+    global _skeleton_users, _register_parameter
+    with _skeleton_lock:
+        if _skeleton_users == 0:
+            _register_parameter = nn.Module.register_parameter
+            nn.Module.register_parameter = _register_on_meta
+        _skeleton_users += 1
+    was_active, _skeleton.active = getattr(_skeleton, "active", False), True
     try:
         yield
     finally:
-        nn.Module.register_parameter = register
+        _skeleton.active = was_active
+        with _skeleton_lock:
+            _skeleton_users -= 1
+            if _skeleton_users == 0:
+                nn.Module.register_parameter = _register_parameter
 
 
 def build_model(config: dict, dtype: torch.dtype, state: dict[str, torch.Tensor], desc: str = "model"):

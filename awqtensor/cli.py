@@ -9,13 +9,14 @@
 
 MODEL_DIR is a Hugging Face model directory (float, awqtensor or AutoAWQ), or the word
 ``smollm2`` for the bundled SmolLM2-135M-Instruct. Bad input ends in one line on stderr
-and exit status 2.
+and exit status 2 (``AWQTENSOR_TRACEBACK=1`` shows the traceback instead).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -94,6 +95,10 @@ def cmd_quantize(args) -> None:
     if args.calib is not None and not Path(args.calib).is_file():
         raise CLIError(f"--calib {args.calib} is not a file")
     gguf = args.format == "gguf"
+    out = Path(args.out)
+    if not args.overwrite and out.is_dir() and out.resolve() == source.resolve():
+        raise CLIError(f"--out {args.out} is the model directory being quantized; saving there would replace its "
+                       f"weights: choose another --out (or add --overwrite)")
     if gguf and not args.out.endswith(".gguf"):
         raise CLIError(f"with --format gguf, --out names the file to write (ending in .gguf), got {args.out}")
     if gguf and args.activations:
@@ -116,10 +121,10 @@ def cmd_quantize(args) -> None:
     if gguf:
         from .gguf_export import save_gguf
 
-        save_gguf(model, args.out, tokenizer)
+        save_gguf(model, args.out, tokenizer, overwrite=args.overwrite)
     else:
         save = save_autoawq if args.format == "autoawq" else save_quantized
-        save(model, args.out)
+        save(model, args.out, overwrite=args.overwrite)
         tokenizer.save_pretrained(args.out)
     after = linear_weight_bytes(model)
     print(f"{args.method} g{args.group_size}: quantized in {seconds:.1f} s; decoder Linear weights "
@@ -189,8 +194,10 @@ def cmd_info(args) -> None:
         bits, group, skipped = qc.get("bits"), qc.get("group_size"), qc.get("modules_to_not_convert") or []
     elif fmt == "awqtensor":
         weights = qc.get("weights", {})
-        quantized = sorted(n[: -len(".weight")] for n in weights)
-        bits, group = 4, sorted({w["group_size"] for w in weights.values()})
+        if not isinstance(weights, dict) or not all(isinstance(w, dict) for w in weights.values()):
+            raise CLIError(f"{path}: config.json's quantization_config.weights is not a mapping of descriptions")
+        quantized = sorted(n.removesuffix(".weight") for n in weights)
+        bits, group = 4, sorted({w.get("group_size") for w in weights.values()}, key=str)
         skipped = qc.get("modules_not_converted", [])
     else:
         quantized, bits, group, skipped = [], None, None, []
@@ -222,6 +229,8 @@ def main(argv=None) -> int:
     q.add_argument("--activations", choices=("int8",), default=None,
                    help="int8: W4A8, int8 dynamic activations where a call is large enough to gain (default: weight-only)")
     q.add_argument("--dtype", choices=tuple(DTYPES), default="float32")
+    q.add_argument("--overwrite", action="store_true",
+                   help="replace what --out holds even if it is the source or a different model")
     q.set_defaults(run=cmd_quantize)
 
     e = sub.add_parser("eval", help="perplexity of a float, awqtensor or AutoAWQ model on a text file")
@@ -259,8 +268,11 @@ def main(argv=None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     try:
         args.run(args)
-    except (CLIError, FileNotFoundError, ValueError, TypeError, ImportError) as err:
-        print(f"awqtensor {args.command}: error: {err}", file=sys.stderr)
+    except (CLIError, OSError, ValueError, TypeError, KeyError, ImportError) as err:
+        if os.environ.get("AWQTENSOR_TRACEBACK") == "1":
+            raise
+        message = str(err) if not isinstance(err, KeyError) else f"missing entry {err}"
+        print(f"awqtensor {args.command}: error: {message}", file=sys.stderr)
         return 2
     return 0
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -46,13 +47,16 @@ QWEN2_REGEX = ("(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N
                "|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+")
 
 
-def save_gguf(model: nn.Module, path, tokenizer, *, float_type: str = "f16", pre: str | None = None) -> Path:
+def save_gguf(model: nn.Module, path, tokenizer, *, float_type: str = "f16", pre: str | None = None,
+              overwrite: bool = False) -> Path:
     """Write ``model`` (a transformers causal LM: Llama, Mistral, Qwen2 or Qwen3, its Linears
     int4 from ``quantize_``, or float) and ``tokenizer`` to the GGUF file ``path``.
     ``float_type``: "f16" or "f32" for embeddings, a float head and float Linears.
     ``pre``: llama.cpp's pre-tokenizer name; by default recognized from the tokenizer
-    ("smollm", "gpt-2", "qwen2", else "default" with a warning). Written to a temporary
-    name first: a failure leaves no partial file. Returns the path."""
+    ("smollm", "gpt-2", "qwen2", else "default" with a warning). Written to a unique
+    temporary file beside ``path`` and renamed into place: a failure leaves no partial file
+    and the previous one intact. An existing ``path`` that is not a GGUF file is refused
+    unless ``overwrite``. Returns the path."""
     try:
         import gguf
     except ImportError:
@@ -67,21 +71,32 @@ def save_gguf(model: nn.Module, path, tokenizer, *, float_type: str = "f16", pre
     if tokenizer is None or not hasattr(tokenizer, "backend_tokenizer"):
         raise ValueError("save_gguf needs the model's Hugging Face (fast) tokenizer: llama.cpp reads the "
                          "vocabulary from the file (tokenizer=AutoTokenizer.from_pretrained(...))")
-    tensors = list(_tensors(model, arch, float_type))  # every refusal comes before the file exists
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    writer = gguf.GGUFWriter(tmp, arch)
+    if path.is_dir():
+        raise ValueError(f"{path} is a directory; save_gguf writes one file (e.g. {path / 'model.gguf'})")
+    if path.is_file() and not overwrite and path.read_bytes()[:4] != b"GGUF":
+        raise ValueError(f"{path} exists and is not a GGUF file; choose another name, or pass overwrite=True")
+    tensors = list(_tensors(model, arch, float_type))  # every refusal comes before the file exists
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+    os.close(fd)
     try:
-        _write_metadata(writer, gguf, model, arch, tensors)
-        _write_tokenizer(writer, gguf, tokenizer, config.vocab_size, pre)
-        for name, data, kind in tensors:
-            writer.add_tensor(name, data, raw_dtype=getattr(gguf.GGMLQuantizationType, kind.upper()))
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
+        writer = gguf.GGUFWriter(tmp, arch)
+        try:
+            _write_metadata(writer, gguf, model, arch, tensors)
+            _write_tokenizer(writer, gguf, tokenizer, config.vocab_size, pre)
+            for name, data, kind in tensors:
+                writer.add_tensor(name, data, raw_dtype=getattr(gguf.GGMLQuantizationType, kind.upper()))
+            writer.write_header_to_file()
+            writer.write_kv_data_to_file()
+            writer.write_tensors_to_file()
+        finally:
+            writer.close()
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
     finally:
-        writer.close()
-    os.replace(tmp, path)
+        Path(tmp).unlink(missing_ok=True)
     return path
 
 
@@ -146,7 +161,11 @@ def _float(t: torch.Tensor, float_type: str) -> np.ndarray:
     if isinstance(t, Int4AWQTensor):
         t = t.dequantize()
     dtype = torch.float16 if float_type == "f16" else torch.float32
-    return t.detach().to("cpu", dtype).contiguous().numpy()
+    out = t.detach().to("cpu", dtype).contiguous()
+    if not torch.isfinite(out).all():
+        raise ValueError(f"a {list(out.shape)} float tensor holds inf/nan once written as {float_type}"
+                         + ("; values beyond fp16's 65504 need float_type='f32'" if float_type == "f16" else ""))
+    return out.numpy()
 
 
 def _linear(weight, rows, float_type, where):
@@ -179,6 +198,9 @@ def _linear(weight, rows, float_type, where):
     parts = [_fp16_bytes(d)]
     if zeros is not None:
         m = -(zeros.repeat_interleave(per_group, dim=1)[:, :k // BLOCK] * d)
+        if not torch.isfinite(m.half()).all():
+            raise ValueError(f"{where}: a block's minimum (-zero * scale, largest {m.abs().max().item():.4g}) does not "
+                             f"fit in fp16 (up to 65504), which llama.cpp's Q4_1 blocks store")
         parts.append(_fp16_bytes(m))
     parts.append(nibbles)
     data = torch.cat(parts, dim=-1).reshape(codes.shape[0], -1).contiguous().numpy()

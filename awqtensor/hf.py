@@ -10,8 +10,10 @@
 
 No pickle is involved: transformers reads the safetensors, and the loading op rebuilds each
 quantized weight from its stored parts (``<name>.qweight``, ``.scales``, ``.zeros``,
-``.act_scale``), checked against the SHA-256 that config.json records. ``save_pretrained``
-writes the same format back.
+``.act_scale``). Before transformers reads a byte, every weight file is checked to lie
+inside the checkpoint directory and every stored tensor against the digest (dtype, shape,
+bytes) config.json records; ``AWQTENSOR_VERIFY=0`` skips the digests (for a checkpoint
+that records none). ``save_pretrained`` writes the same format back.
 
 AutoAWQ checkpoints (``quant_method: "awq"``) belong to transformers' own AWQ quantizer, which
 needs GPT-QModel. ``awqtensor.load_autoawq(path)`` loads them without it; after
@@ -22,6 +24,8 @@ quantizer for ``"awq"`` in this process).
 from __future__ import annotations
 
 import json
+import os
+from pathlib import Path
 
 import torch
 from transformers.core_model_loading import ConversionOps
@@ -42,18 +46,19 @@ class AwqTensorConfig(QuantizationConfigMixin):
     SHA-256. Not a recipe: quantize with ``awqtensor.quantize_``."""
 
     def __init__(self, weights: dict | None = None, modules_not_converted: list | None = None,
-                 sha256: dict | None = None, format_version: int = serialization.FORMAT_VERSION, **kwargs):
+                 digests: dict | None = None, format_version: int = serialization.FORMAT_VERSION, **kwargs):
         self.quant_method = METHOD
         self.format_version = format_version
         self.weights = dict(weights or {})
         self.modules_not_converted = list(modules_not_converted or [])
-        self.sha256 = sha256
+        self.digests = digests
+        self.older_checksums = "sha256" in kwargs  # an older awqtensor's bytes-only record
 
     def to_dict(self) -> dict:
         out = {"quant_method": METHOD, "format_version": self.format_version, "weights": self.weights,
                "modules_not_converted": self.modules_not_converted}
-        if self.sha256 is not None:
-            out["sha256"] = self.sha256
+        if self.digests is not None:
+            out["digests"] = self.digests
         return out
 
 
@@ -88,7 +93,17 @@ class AwqTensorQuantizer(HfQuantizer):
     def get_load_operations(self):
         return {"deserialize": _Deserialize}
 
-    def _process_model_before_weight_loading(self, model, **kwargs):
+    def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
+        directory = _checked_directory(model, checkpoint_files)
+        if os.environ.get("AWQTENSOR_VERIFY", "1") == "0":
+            return model
+        qc = self.quantization_config.to_dict()
+        if self.quantization_config.older_checksums:
+            qc["sha256"] = True
+        digests = serialization.recorded_digests(qc, directory)
+        serialization.check_config_digest(qc, directory)
+        # Every stored tensor, float ones too, against its digest, before transformers reads any.
+        checkpoint.read_tensors(directory, desc="verifying", checksums=digests, keep=False)
         return model
 
     def _process_model_after_weight_loading(self, model, **kwargs):
@@ -113,13 +128,7 @@ class AwqTensorQuantizer(HfQuantizer):
                              f"describe it; restore config.json or re-save the model")
         tensors = {}
         for key, value in parts.items():
-            tensor = value[0] if isinstance(value, list) else value
-            stored = f"{name}.{key.rpartition('weight.')[2]}"
-            expected = (self.quantization_config.sha256 or {}).get(stored)
-            if expected is not None and checkpoint.sha256(tensor) != expected:
-                raise ValueError(f"{stored}: its bytes do not match the SHA-256 config.json records; the "
-                                 f"file is corrupted or was changed: re-download or re-save it")
-            tensors[stored] = tensor
+            tensors[f"{name}.{key.rpartition('weight.')[2]}"] = value[0] if isinstance(value, list) else value
         metadata = {"format": "awqtensor", "version": str(self.quantization_config.format_version),
                     "awqtensor": json.dumps({name: info})}
         weight = serialization.unflatten_state_dict(tensors, metadata)[name]
@@ -133,7 +142,7 @@ class AwqTensorQuantizer(HfQuantizer):
         config.weights = json.loads(metadata["awqtensor"])
         config.modules_not_converted = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)
                                         and not isinstance(m.weight, quantized)]
-        config.sha256 = {name: checkpoint.sha256(t) for name, t in tensors.items()}
+        config.digests = serialization.digests(config.to_dict(), tensors)
         return tensors, metadata
 
     def is_serializable(self):
@@ -142,6 +151,21 @@ class AwqTensorQuantizer(HfQuantizer):
     @property
     def is_trainable(self):
         return True  # adapters (PEFT LoRA) train on top; the int4 weights stay frozen
+
+
+def _checked_directory(model, checkpoint_files) -> Path:
+    """The checkpoint directory, once every weight file transformers is about to read is
+    a plain file name inside it (its index is read again through ``checkpoint``, which
+    refuses other names)."""
+    files = [Path(f) for f in checkpoint_files or []]
+    source = Path(str(getattr(model.config, "name_or_path", "") or ""))
+    directory = source if str(source) and source.is_dir() else (files[0].parent if files else source)
+    allowed = {Path(os.path.normpath(f)) for f in checkpoint.weight_files(directory).values()}
+    for file in files:
+        if Path(os.path.normpath(file)) not in allowed:
+            raise ValueError(f"{file} is not a weight file of the checkpoint in {directory}; its index names files "
+                             f"outside the checkpoint: nothing was read (re-save or re-download it)")
+    return directory
 
 
 def _param(model, name: str):
@@ -183,6 +207,10 @@ class AutoAWQQuantizer(AwqTensorQuantizer):
 
     def _expected(self) -> list[str]:
         return []  # AutoAWQ's config does not list its Linears; checked by the load report instead
+
+    def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
+        _checked_directory(model, checkpoint_files)  # AutoAWQ's format records no digests
+        return model
 
     def rebuild(self, name: str, parts: dict, model) -> torch.Tensor:
         t = {key: (v[0] if isinstance(v, list) else v) for key, v in parts.items()}

@@ -62,7 +62,15 @@ def unflatten_state_dict(tensors: dict[str, torch.Tensor], metadata: dict[str, s
                          f"understands ({FORMAT_VERSION}); upgrade awqtensor")
     tensors = dict(tensors)
     state_dict = {}
-    for name, info in json.loads(metadata["awqtensor"]).items():
+    try:
+        described = json.loads(metadata.get("awqtensor", "{}"))
+    except (TypeError, json.JSONDecodeError):
+        described = None
+    if not isinstance(described, dict):
+        raise ValueError("the awqtensor metadata describing the quantized weights is not a JSON mapping; the "
+                         "checkpoint is corrupted: re-save or re-download it")
+    for name, info in described.items():
+        _check_description(name, info)
         fields = {f: tensors.pop(f"{name}.{f}", None) for f in FIELDS}
         for required in ("qweight", "scales"):
             if fields[required] is None:
@@ -100,6 +108,25 @@ def unflatten_state_dict(tensors: dict[str, torch.Tensor], metadata: dict[str, s
     return state_dict
 
 
+def _positive_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def _check_description(name: str, info) -> None:
+    """ValueError naming ``name`` unless its description has the fields loading reads."""
+    problem = None
+    if not isinstance(info, dict):
+        problem = f"is {type(info).__name__}, not a mapping"
+    elif not (isinstance(info.get("shape"), list) and len(info["shape"]) == 2 and all(map(_positive_int, info["shape"]))):
+        problem = f"has shape {info.get('shape')!r}, not [out_features, in_features]"
+    elif info.get("bits", BITS) not in (4, 8):
+        problem = f"has bits {info.get('bits')!r}, not 4 or 8"
+    elif info.get("bits", BITS) == 4 and not _positive_int(info.get("group_size")):
+        problem = f"has group_size {info.get('group_size')!r}, not a positive int"
+    if problem:
+        raise ValueError(f"the description of {name} {problem}; the checkpoint is corrupted: re-save or re-download it")
+
+
 def save_file(state_dict: dict, path) -> None:
     tensors, metadata = flatten_state_dict(state_dict)
     safetensors.torch.save_file(tensors, str(path), metadata=metadata)
@@ -117,12 +144,50 @@ def load_file(path, device: str = "cpu") -> dict:
     return unflatten_state_dict(tensors, metadata)
 
 
-def save_quantized(model, path, shard_size="5GB") -> Path:
+# The quantization_config fields the config digest covers (the digests themselves aside).
+DIGESTED_FIELDS = ("quant_method", "format_version", "weights", "modules_not_converted")
+
+
+def digests(quantization_config: dict, tensors: dict[str, torch.Tensor]) -> dict:
+    """The ``digests`` entry of a quantization_config: every stored tensor's digest (dtype,
+    shape and bytes) and one over the config's quantization fields."""
+    return {"scheme": checkpoint.DIGEST_SCHEME,
+            "config": checkpoint.config_digest({k: quantization_config.get(k) for k in DIGESTED_FIELDS}),
+            "tensors": {name: checkpoint.digest(t) for name, t in tensors.items()}}
+
+
+def recorded_digests(qc: dict, path) -> dict[str, str]:
+    """The tensor digests ``qc`` records, once its config digest is checked; ValueError
+    saying how to load it otherwise when it records none (or an older awqtensor's)."""
+    recorded = qc.get("digests")
+    if not isinstance(recorded, dict) or recorded.get("scheme") != checkpoint.DIGEST_SCHEME:
+        older = " (an older awqtensor recorded only the bytes' SHA-256)" if "sha256" in qc else ""
+        raise ValueError(f"{path} records no digests of its tensors' dtype, shape and bytes{older}, so it cannot be "
+                         f"verified; if you trust it, load it with load_quantized(path, verify=False) (from_pretrained: "
+                         f"set AWQTENSOR_VERIFY=0) and save it again with save_quantized to add them")
+    tensors = recorded.get("tensors")
+    if not isinstance(tensors, dict):
+        raise ValueError(f"{path}: config.json's digests hold no tensor digests; re-save the model")
+    return tensors
+
+
+def check_config_digest(qc: dict, path) -> None:
+    """ValueError unless the quantization fields of ``qc`` are those its digest was taken of."""
+    if qc["digests"].get("config") != checkpoint.config_digest({k: qc.get(k) for k in DIGESTED_FIELDS}):
+        raise ValueError(f"{path}: config.json's quantization_config does not match its recorded digest; it was "
+                         f"edited after saving: restore it, or re-save the model")
+
+
+def save_quantized(model, path, shard_size="5GB", overwrite: bool = False) -> Path:
     """Write a quantized transformers model to directory ``path``: config.json whose
-    quantization_config describes every Int4AWQTensor and records every stored tensor's
-    SHA-256 (the manifest), safetensors weights (sharded past ``shard_size``) and the
-    tokenizer files. ``load_quantized`` reads it."""
-    path = Path(path)
+    quantization_config describes every Int4AWQTensor and records the digest of every
+    stored tensor (dtype, shape and bytes) and of itself, safetensors weights (sharded
+    past ``shard_size``) and the tokenizer files. ``load_quantized`` reads it.
+
+    Everything is written beside ``path`` first and moved into place when complete, so a
+    failure leaves what was there before. ``path`` may not be the directory the model was
+    loaded from, nor hold a different model, unless ``overwrite``; files the checkpoint
+    does not own are never removed."""
     state = checkpoint.drop_tied(model, dict(model.state_dict()))
     quantized = (Int4AWQTensor, Int8HeadTensor)
     if not any(isinstance(v, quantized) for v in state.values()):
@@ -131,16 +196,17 @@ def save_quantized(model, path, shard_size="5GB") -> Path:
     if nonfinite:
         raise ValueError(f"the model's {nonfinite[0]} holds inf or nan, which no checkpoint should keep; "
                          f"re-quantize that Linear from finite float weights")
-    tensors, metadata = flatten_state_dict(state)
     config = model.config.to_dict()
+    path = checkpoint.check_destination(path, config, checkpoint.model_source(model), overwrite)
+    tensors, metadata = flatten_state_dict(state)
     linears = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
-    config["quantization_config"] = {
-        "quant_method": "awqtensor", "format_version": FORMAT_VERSION, "weights": json.loads(metadata["awqtensor"]),
-        "modules_not_converted": [n for n in linears if not isinstance(model.get_submodule(n).weight, quantized)],
-        "sha256": {name: checkpoint.sha256(t) for name, t in tensors.items()}}
-    checkpoint.write_tensors(tensors, path, shard_size, metadata=metadata, desc="saving")
-    checkpoint.write_config(config, path)
-    checkpoint.copy_side_files(model, path)
+    qc = {"quant_method": "awqtensor", "format_version": FORMAT_VERSION, "weights": json.loads(metadata["awqtensor"]),
+          "modules_not_converted": [n for n in linears if not isinstance(model.get_submodule(n).weight, quantized)]}
+    config["quantization_config"] = {**qc, "digests": digests(qc, tensors)}
+    with checkpoint.staged_directory(path) as stage:
+        checkpoint.write_tensors(tensors, stage, shard_size, metadata=metadata, desc="saving")
+        checkpoint.copy_side_files(model, stage)
+        checkpoint.write_config(config, stage)
     return path
 
 
@@ -155,6 +221,13 @@ def _check_settings(qc: dict, header: str | None, tensors: dict, path) -> None:
         raise ValueError(f"{path}: the safetensors header's awqtensor metadata is not valid JSON; the checkpoint "
                          f"is corrupted: re-save or re-download it") from None
     weights = qc.get("weights", {})
+    if not isinstance(saved, dict):
+        raise ValueError(f"{path}: the safetensors header's awqtensor metadata is not a JSON mapping; the "
+                         f"checkpoint is corrupted: re-save or re-download it")
+    for name, info in [*saved.items(), *weights.items()]:
+        if not isinstance(info, dict):
+            raise ValueError(f"{path}: the description of {name} is not a mapping; the checkpoint is corrupted: "
+                             f"re-save or re-download it")
     unlisted = sorted(set(saved) - set(weights))
     if unlisted:
         raise ValueError(f"{path}: the stored tensors hold quantized {unlisted[0]}, which config.json's "
@@ -176,9 +249,12 @@ def load_quantized(path, dtype: torch.dtype | None = None, device="cpu", verify:
     """The transformers model ``save_quantized`` wrote, Int4AWQTensor weights repacked once
     for ``device`` and ``dtype`` (default: the config's).
 
-    ``verify`` checks every tensor against the SHA-256 config.json records for it (about
-    a second per GB); ``verify=False`` skips that. Scales must be finite and the config's
-    quantization settings must match the stored tensors either way."""
+    ``verify`` checks every tensor's dtype, shape and bytes, and config.json's quantization
+    fields, against the digests config.json records (about a second per GB), and refuses a
+    checkpoint that records none. This catches corruption and accidental edits, not an
+    author who rewrites both the data and the digests. ``verify=False`` skips it. Scales
+    must be finite and the config's quantization settings must match the stored tensors
+    either way."""
     path = Path(path)
     config = checkpoint.read_config(path)
     qc = config.get("quantization_config") or {}
@@ -187,13 +263,14 @@ def load_quantized(path, dtype: torch.dtype | None = None, device="cpu", verify:
         hint = "; it is AutoAWQ's: use awqtensor.load_autoawq" if method == "awq" else ""
         raise ValueError(f"{path}: config.json's quantization_config is not awqtensor's "
                          f"(quant_method {method!r}){hint}")
+    if not isinstance(qc.get("weights", {}), dict):
+        raise ValueError(f"{path}: config.json's quantization_config.weights is not a mapping; restore config.json")
     dtype = dtype or checkpoint.config_dtype(config, torch.float32)
-    checksums = qc.get("sha256") if verify else None
-    if verify and checksums is None:
-        warnings.warn(f"{path} records no checksums (saved by an older awqtensor), so it loads unverified; "
-                      f"re-save it with save_quantized to add them", stacklevel=2)
+    checksums = recorded_digests(qc, path) if verify else None
     tensors, file_metadata = checkpoint.read_tensors(path, checksums=checksums)
     _check_settings(qc, file_metadata.get("awqtensor"), tensors, path)
+    if verify:
+        check_config_digest(qc, path)
     metadata = {"format": "awqtensor", "version": str(qc.get("format_version", -1)),
                 "awqtensor": json.dumps(qc.get("weights", {}))}
     # Int4AWQTensors repack explicitly: .to() of an unchanged dtype would keep the canonical layout.

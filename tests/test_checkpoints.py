@@ -16,6 +16,7 @@ from torch import nn
 from awqtensor import Int4AWQTensor, awq_config, load_autoawq, load_quantized, quantize_, rtn_config
 from awqtensor import save_autoawq, save_quantized
 from awqtensor.autoawq import pack_columns, unpack_columns
+from awqtensor import checkpoint
 from conftest import max_rel_err, tiny_llama
 
 AWQ_ORDER = [0, 2, 4, 6, 1, 3, 5, 7]
@@ -289,14 +290,22 @@ def _edit_config(path, edit):
     (path / "config.json").write_text(json.dumps(config))
 
 
-def test_save_quantized_records_the_sha256_of_every_stored_tensor(tmp_path):
+# safetensors' dtype names -> torch's, written out here so the digest is checked independently.
+_TORCH_NAMES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "U8": "uint8", "I8": "int8", "I32": "int32",
+                "I64": "int64"}
+
+
+def test_save_quantized_records_a_digest_of_every_stored_tensors_dtype_shape_and_bytes(tmp_path):
     save_quantized(_quantized_llama(), tmp_path)
     file = tmp_path / "model.safetensors"
     data, (start, layout) = file.read_bytes(), _layout(file)
-    recorded = json.loads((tmp_path / "config.json").read_text())["quantization_config"]["sha256"]
-    assert set(recorded) == set(layout)
+    header = json.loads(data[8: start])
+    recorded = json.loads((tmp_path / "config.json").read_text())["quantization_config"]["digests"]
+    assert recorded["scheme"] == "sha256(dtype,shape,bytes)"
+    assert set(recorded["tensors"]) == set(layout)  # float tensors (embedding, norms) included
     for name, (begin, end) in layout.items():
-        assert recorded[name] == hashlib.sha256(data[start + begin: start + end]).hexdigest(), name
+        prefix = f"{_TORCH_NAMES[header[name]['dtype']]}{header[name]['shape']}".encode()
+        assert recorded["tensors"][name] == hashlib.sha256(prefix + data[start + begin: start + end]).hexdigest(), name
 
 
 def test_every_flipped_bit_in_the_tensor_data_is_caught_and_named(tmp_path):
@@ -312,7 +321,7 @@ def test_every_flipped_bit_in_the_tensor_data_is_caught_and_named(tmp_path):
         flipped[start + rng.randrange(begin, end)] ^= 1 << rng.randrange(8)
         file.write_bytes(flipped)
         with pytest.raises(ValueError, match=rf"model.safetensors: {re.escape(hit)} does not match its "
-                                             rf"recorded checksum; the checkpoint is corrupted"):
+                                             rf"recorded digest \(dtype, shape and bytes\); the checkpoint is corrupted"):
             load_quantized(tmp_path)
 
 
@@ -344,7 +353,7 @@ def test_a_non_finite_scale_is_refused_on_save_and_on_load(tmp_path, bad):
     with pytest.raises(ValueError, match=rf"{name}.scales holds inf or nan"):
         save_quantized(model, tmp_path)
 
-    # Written into the file with a valid checksum: only the finiteness check can catch it.
+    # Written into the file with a valid digest: only the finiteness check can catch it.
     linear.weight = w
     save_quantized(model, tmp_path)
     file = tmp_path / "model.safetensors"
@@ -353,8 +362,8 @@ def test_a_non_finite_scale_is_refused_on_save_and_on_load(tmp_path, bad):
     tensors = safetensors.torch.load_file(file)
     tensors[f"{name}.scales"][3, 1] = bad
     safetensors.torch.save_file(tensors, str(file), metadata=metadata)
-    digest = hashlib.sha256(tensors[f"{name}.scales"].numpy().tobytes()).hexdigest()
-    _edit_config(tmp_path, lambda qc: qc["sha256"].update({f"{name}.scales": digest}))
+    digest = checkpoint.digest(tensors[f"{name}.scales"])
+    _edit_config(tmp_path, lambda qc: qc["digests"]["tensors"].update({f"{name}.scales": digest}))
     for verify in (True, False):
         with pytest.raises(ValueError, match=rf"{name}.scales holds inf or nan; the checkpoint is corrupted"):
             load_quantized(tmp_path, verify=verify)
@@ -391,9 +400,9 @@ def test_settings_stated_once_for_all_weights_load_when_they_agree(tmp_path):
     load_quantized(tmp_path)
 
 
-def test_a_checkpoint_saved_before_checksums_still_loads(tmp_path):
-    """What the previous save_quantized wrote: no sha256, weights described by group_size
-    and shape only, in config.json and in the safetensors header."""
+def test_a_checkpoint_saved_before_digests_loads_only_when_told_to_skip_verification(tmp_path):
+    """What an older save_quantized wrote: no digests (or only the bytes' SHA-256), weights
+    described by group_size and shape only, in config.json and in the safetensors header."""
     model = _quantized_llama()
     save_quantized(model, tmp_path)
 
@@ -401,7 +410,7 @@ def test_a_checkpoint_saved_before_checksums_still_loads(tmp_path):
         return {name: {"group_size": w["group_size"], "shape": w["shape"]} for name, w in weights.items()}
 
     def old_config(qc):
-        del qc["sha256"]
+        del qc["digests"]
         qc["weights"] = old_weights(qc["weights"])
 
     _edit_config(tmp_path, old_config)
@@ -410,7 +419,11 @@ def test_a_checkpoint_saved_before_checksums_still_loads(tmp_path):
         metadata = f.metadata()
     metadata["awqtensor"] = json.dumps(old_weights(json.loads(metadata["awqtensor"])))
     safetensors.torch.save_file(safetensors.torch.load_file(file), str(file), metadata=metadata)
-    with pytest.warns(UserWarning, match="records no checksums .* re-save it"):
-        loaded = load_quantized(tmp_path)
+    with pytest.raises(ValueError, match=r"records no digests .* load_quantized\(path, verify=False\) .* save it again"):
+        load_quantized(tmp_path)
+    _edit_config(tmp_path, lambda qc: qc.update(sha256={}))
+    with pytest.raises(ValueError, match=r"an older awqtensor recorded only the bytes' SHA-256"):
+        load_quantized(tmp_path)
+    loaded = load_quantized(tmp_path, verify=False)
     with torch.no_grad():
         assert torch.equal(loaded(_tokens()).logits, model(_tokens()).logits)
