@@ -53,11 +53,16 @@ def read_config(path) -> dict:
     if not path.is_dir():
         raise FileNotFoundError(f"{path} is not a directory; expected a model directory with config.json")
     try:
-        return json.loads((path / "config.json").read_text())
+        config = json.loads((path / "config.json").read_text())
     except FileNotFoundError:
         raise FileNotFoundError(f"{path} has no config.json; is it a Hugging Face model directory?") from None
-    except json.JSONDecodeError as err:
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ValueError(f"{path / 'config.json'} is not valid JSON ({err})") from err
+    if not isinstance(config, dict):
+        raise ValueError(f"{path / 'config.json'} holds a JSON {type(config).__name__}, not an object")
+    if not isinstance(config.get("quantization_config") or {}, dict):
+        raise ValueError(f"{path / 'config.json'}: quantization_config is not a JSON object")
+    return config
 
 
 def weight_files(path) -> dict[str, Path]:
@@ -66,7 +71,7 @@ def weight_files(path) -> dict[str, Path]:
     if (path / INDEX).is_file():
         try:
             weight_map = json.loads((path / INDEX).read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError) as err:
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as err:
             raise ValueError(f"{path / INDEX} is not a safetensors index (no weight_map)") from err
         if not isinstance(weight_map, dict):
             raise ValueError(f"{path / INDEX}: weight_map is not a mapping of tensor names to file names")
@@ -347,6 +352,26 @@ def _parameters_on_meta():
                 nn.Module.register_parameter = _register_parameter
 
 
+LAYER = re.compile(r"\.layers\.(\d+)\.")
+
+
+def _check_sizes(config: dict, state: dict[str, torch.Tensor], desc: str) -> None:
+    """The config's depth and embedding sizes must be those of the stored tensors, checked
+    before a skeleton is built (a corrupted num_hidden_layers of a million would take
+    minutes and gigabytes to find out otherwise)."""
+    layers = {int(m.group(1)) for name in state if (m := LAYER.search(name))}
+    depth = config.get("num_hidden_layers")
+    if layers and depth != len(layers):
+        raise ValueError(f"{desc}: config.json says num_hidden_layers {depth!r}, the checkpoint holds {len(layers)} "
+                         f"layers; restore config.json")
+    for name, t in state.items():
+        if name.endswith("embed_tokens.weight") and t.dim() == 2:
+            for key, size in (("vocab_size", t.shape[0]), ("hidden_size", t.shape[1])):
+                if key in config and config[key] != size:
+                    raise ValueError(f"{desc}: config.json says {key} {config[key]!r}, but {name} has shape "
+                                     f"{tuple(t.shape)}; restore config.json")
+
+
 def build_model(config: dict, dtype: torch.dtype, state: dict[str, torch.Tensor], desc: str = "model"):
     """A transformers causal LM from ``config`` (the quantization_config left out) whose
     parameters are exactly ``state``: every parameter must be given, unless tied."""
@@ -356,11 +381,17 @@ def build_model(config: dict, dtype: torch.dtype, state: dict[str, torch.Tensor]
     model_type = config.get("model_type")
     if not model_type:
         raise ValueError(f"{desc}: config.json has no model_type")
-    hf_config = AutoConfig.for_model(**config)
-    with _parameters_on_meta():
-        model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
-        if any(PER_EXPERT.search(name) for name in state):  # saved from awqtensor.moe's per-expert Linears
-            experts_to_linears(model)
+    _check_sizes(config, state, desc)
+    try:
+        hf_config = AutoConfig.for_model(**config)
+        with _parameters_on_meta():
+            model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
+    except Exception as err:  # transformers' and huggingface_hub's validation errors have several classes
+        first = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
+        raise ValueError(f"{desc}: config.json does not describe a {model_type!r} model transformers can build "
+                         f"({first}); restore config.json") from err
+    if any(PER_EXPERT.search(name) for name in state):  # saved from awqtensor.moe's per-expert Linears
+        experts_to_linears(model)
     expected = dict(model.named_parameters(remove_duplicate=False))
     unexpected = sorted(set(state) - set(expected) - {n for n, _ in model.named_buffers()})
     if unexpected:
