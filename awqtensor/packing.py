@@ -52,6 +52,19 @@ PACKINGS = (PLAIN, CPU_INT4PACK, TRITON, CPU_BLOCKS)
 CPU_INT4PACK_GROUP_SIZES = (32, 64, 128, 256)
 
 
+def qweight_layout(packing_format: str, n: int, n_groups: int, group_size: int) -> tuple[tuple[int, int], torch.dtype]:
+    """(shape, dtype) of the ``qweight`` of an [n, n_groups * group_size] weight in
+    ``packing_format``; ValueError for an unknown one."""
+    k_padded = n_groups * group_size
+    if packing_format in (PLAIN, CPU_INT4PACK):  # cpu_int4pack's group sizes make k_padded even
+        return (n, (k_padded + 1) // 2), torch.uint8
+    if packing_format == TRITON:
+        return (k_padded // 8, n), torch.int32
+    if packing_format == CPU_BLOCKS:
+        return (n, n_groups * (8 + 16 * _blocks_per_group(group_size))), torch.uint8
+    raise ValueError(f"unknown packing_format {packing_format!r}; known: {PACKINGS}")
+
+
 def pack_nibbles(q: torch.Tensor) -> torch.Tensor:
     """uint8 codes [N, L] (0..15) -> uint8 [N, ceil(L / 2)], low nibble first."""
     if q.shape[1] % 2:

@@ -29,6 +29,8 @@ for it, see ``awqtensor.packing``).
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -64,7 +66,7 @@ def _scale_and_zero(scales: torch.Tensor, zeros: torch.Tensor | None, repeat: in
 
 def _int4pack_mm(x, qweight, scales, zeros, act_scale, bias, group_size):
     lead, k = x.shape[:-1], x.shape[-1]
-    x2 = x.reshape(-1, k)
+    x2 = x_rows = x.reshape(-1, k)
     if act_scale is not None:
         x2 = x2 * act_scale
     k_padded = scales.shape[1] * group_size
@@ -76,21 +78,36 @@ def _int4pack_mm(x, qweight, scales, zeros, act_scale, bias, group_size):
     )
     if bias is not None:
         y = y + bias
+    # NaN and inf: torch's kernel rebuilds a weight that q == zero makes 0 as (q - 8) * scale
+    # + (8 - zero) * scale, a rounding residue, so inf * w gives +-inf where F.linear on the
+    # weight gives NaN. Rows of x holding NaN or inf (their outputs are never all finite)
+    # are computed again by the reference; one sum tells whether there are any.
+    if not math.isfinite(y.sum()):
+        bad = ~torch.isfinite(x_rows).all(-1)
+        if bad.any():
+            y[bad] = reference.int4_linear(x_rows[bad], qweight, scales, zeros, act_scale, bias, group_size,
+                                           packing.CPU_INT4PACK)
     return y.reshape(*lead, -1)
 
 
 def dequantize(qweight, scales, zeros, act_scale, group_size, in_features, packing_format):
     """The dense weight: awqtensor's kernel for "cpu_blocks" in fp32/bf16, else the reference."""
+    reference.check_weight_args("awqtensor::dequantize", qweight, scales, zeros, act_scale, group_size, in_features,
+                                packing_format)
     if (packing_format == packing.CPU_BLOCKS and scales.dtype in (torch.float32, torch.bfloat16)
-            and cpu_kernel.unavailable() is None):
-        w = cpu_kernel.dequantize(qweight, scales.shape[1], group_size, (scales.shape[0], in_features), scales.dtype)
+            and qweight.device.type == "cpu" and cpu_kernel.unavailable() is None):
+        w = cpu_kernel.dequantize(qweight, scales.shape[1], group_size, (scales.shape[0], in_features), scales.dtype,
+                                  check=False)
         return w if act_scale is None else (w * act_scale).to(scales.dtype)
     return gpu.dequantize(qweight, scales, zeros, act_scale, group_size, in_features, packing_format)
 
 
 def int4_linear(x, qweight, scales, zeros, act_scale, bias, group_size, packing_format):
-    if packing_format == packing.CPU_BLOCKS and cpu_kernel.unavailable() is None:
-        return cpu_kernel.linear(x, qweight, scales.shape[1], group_size, act_scale, bias, scales.shape[0])
+    reference.check_linear_args("awqtensor::int4_linear", x, qweight, scales, zeros, act_scale, bias, group_size,
+                                packing_format)
+    if packing_format == packing.CPU_BLOCKS and x.device.type == "cpu" and cpu_kernel.unavailable() is None:
+        return cpu_kernel.linear(x, qweight, scales.shape[1], group_size, act_scale, bias, scales.shape[0],
+                                 check=False)
     if packing_format == packing.TRITON:  # AWQTENSOR_BACKEND=triton: the Triton kernels, interpreted
         return gpu.int4_linear(x, qweight, scales, zeros, act_scale, bias, group_size, packing_format)
     if int4pack_unsuitable(x, packing_format) is None:

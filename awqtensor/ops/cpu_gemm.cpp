@@ -78,19 +78,28 @@ static int gemm_best_kernel() {
 // ---- activations: x' [M, K] fp32 -> xv (VNNI order), d [G][Mp] ----
 
 // One row's group [c, c + n) (n <= group_size, the rest of the group zero): int8 codes into
-// q[0 .. group_size); *d_out = absmax / 127.
-static void quantize_group_scalar(const float* x, int64_t n, int64_t group_size, int8_t* q, float* d_out) {
+// q[0 .. group_size); *d_out = absmax / 127. Returns true when a value does not quantize
+// (NaN, inf: the row is then recomputed by exact_row, as in cpu_kernel.cpp).
+static bool quantize_group_scalar(const float* x, int64_t n, int64_t group_size, int8_t* q, float* d_out) {
     float amax = 0.0f;
     for (int64_t i = 0; i < n; ++i) amax = std::fmax(amax, std::fabs(x[i]));
     const float d = amax / 127.0f;
     const float inv = d > 0.0f ? 1.0f / d : 0.0f;
-    for (int64_t i = 0; i < group_size; ++i) q[i] = (int8_t)(i < n ? (int)std::nearbyint(x[i] * inv) : 0);
+    bool bad = false;
+    for (int64_t i = 0; i < group_size; ++i) {
+        const float r = i < n ? std::nearbyint(x[i] * inv) : 0.0f;
+        const bool fits = std::fabs(r) <= 127.0f;  // false for NaN
+        bad |= !fits;
+        q[i] = (int8_t)(fits ? (int)r : 0);
+    }
     *d_out = d;
+    return bad;
 }
 
 #if AWQ_X86
-// The same on whole groups (n == group_size, a multiple of 8), bit for bit.
-AWQ_AVX2 static void quantize_group_avx2(const float* x, int64_t group_size, int8_t* q, float* d_out) {
+// The same on whole groups (n == group_size, a multiple of 8), bit for bit: a value that
+// does not quantize saturates to -128, which finite values never reach (cpu_kernel.cpp).
+AWQ_AVX2 static bool quantize_group_avx2(const float* x, int64_t group_size, int8_t* q, float* d_out) {
     const __m256 sign = _mm256_set1_ps(-0.0f);
     __m256 m = _mm256_setzero_ps();
     for (int64_t i = 0; i < group_size; i += 8) m = _mm256_max_ps(m, _mm256_andnot_ps(sign, _mm256_loadu_ps(x + i)));
@@ -99,12 +108,17 @@ AWQ_AVX2 static void quantize_group_avx2(const float* x, int64_t group_size, int
     const float amax = _mm_cvtss_f32(_mm_max_ss(h, _mm_movehdup_ps(h)));
     const float d = amax / 127.0f;
     const __m256 inv = _mm256_set1_ps(d > 0.0f ? 1.0f / d : 0.0f);
+    const __m128i lowest = _mm_set1_epi8(-128);
+    __m128i bad = _mm_setzero_si128();
     for (int64_t i = 0; i < group_size; i += 8) {
         const __m256i v = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x + i), inv));  // nearest even
         const __m128i w = _mm_packs_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
-        _mm_storel_epi64((__m128i*)(q + i), _mm_packs_epi16(w, w));
+        const __m128i b = _mm_packs_epi16(w, w);
+        bad = _mm_or_si128(bad, _mm_cmpeq_epi8(b, lowest));
+        _mm_storel_epi64((__m128i*)(q + i), b);
     }
     *d_out = d;
+    return _mm_movemask_epi8(bad) != 0;
 }
 #endif
 
@@ -127,10 +141,7 @@ static inline const int8_t* xv_at(const int8_t* xv, int64_t m, int64_t k4, int64
 
 // ---- weights: a row of the "cpu_blocks" layout -> one signed byte per code, q - zero ----
 // codes [Kp] (-15..15), scale[g * stride], wsum[g * stride] = sum over the group of (q - zero).
-// The zero point is the header's scale * zero over its scale, rounded: exact for the
-// integers 0..15 in fp32.
-
-static inline int zero_of(float s, float sz) { return s != 0.0f ? (int)std::nearbyint(sz / s) : 0; }
+// The zero point is the header's (zero_of, cpu_kernel.cpp).
 
 static void unpack_row_scalar(const uint8_t* row, int64_t G, int64_t group_size, int64_t kc, int8_t* codes,
                               float* scale, int32_t* wsum, int64_t stride) {
@@ -335,13 +346,15 @@ static void gemm_panels(const Gemm& p, int64_t p0, int64_t p1) {
 }
 
 // y [M, N] fp32 = W4A8(x [M, K] fp32, already multiplied by act_scale) + bias (fp32, may be null).
-// Returns 0, or -1 for a group size this GEMM does not take (not a multiple of 32).
+// Returns 0, or -1 for a group size this GEMM does not take (not a multiple of 32). Rows
+// holding NaN or inf come out of exact_row (cpu_kernel.cpp), as the decode kernel's do.
 static int w4a8_gemm(const float* x, int64_t M, int64_t K, const uint8_t* w, int64_t N, int64_t G, int64_t group_size,
                      const float* bias, float* y, int kernel) {
     if (group_size % 32 || G * group_size < K) return -1;
     const int64_t Kp = G * group_size, Mp = (M + kPanel - 1) / kPanel * kPanel;
     std::vector<int8_t> xv_buffer(Kp * Mp);  // zeros: the padding rows stay so
     std::vector<float> d_buffer(G * Mp, 0.0f);
+    std::vector<uint8_t> bad(M, 0);
     int8_t* const xv = xv_buffer.data();
     float* const d = d_buffer.data();
     // quantize row by row, then scatter each row's four-column lanes into the VNNI order
@@ -351,14 +364,17 @@ static int w4a8_gemm(const float* x, int64_t M, int64_t K, const uint8_t* w, int
 #pragma omp for schedule(static)
         for (int64_t m = 0; m < M; ++m) {
             const float* xr = x + m * K;
+            bool row_bad = false;
             for (int64_t g = 0; g < G; ++g) {
                 const int64_t c = g * group_size, n = std::min(group_size, K - c);
 #if AWQ_X86
-                if (n == group_size && kernel != GEMM_SCALAR) quantize_group_avx2(xr + c, group_size, q.data() + c, &d[g * Mp + m]);
+                if (n == group_size && kernel != GEMM_SCALAR)
+                    row_bad |= quantize_group_avx2(xr + c, group_size, q.data() + c, &d[g * Mp + m]);
                 else
 #endif
-                    quantize_group_scalar(xr + c, n, group_size, q.data() + c, &d[g * Mp + m]);
+                    row_bad |= quantize_group_scalar(xr + c, n, group_size, q.data() + c, &d[g * Mp + m]);
             }
+            bad[m] = row_bad;
             const int32_t* lanes = (const int32_t*)q.data();
             int32_t* out = (int32_t*)xv + (m / 16) * (Kp / 4) * 16 + m % 16;
             for (int64_t k4 = 0; k4 < Kp / 4; ++k4) out[k4 * 16] = lanes[k4];
@@ -375,6 +391,12 @@ static int w4a8_gemm(const float* x, int64_t M, int64_t K, const uint8_t* w, int
 #endif
         const int64_t per = (panels + threads - 1) / threads;  // contiguous panels per thread
         if (t * per < panels) gemm_panels(p, t * per, std::min(panels, (t + 1) * per));
+    }
+    for (int64_t m = 0; m < M; ++m) {
+        if (!bad[m]) continue;
+        exact_row(x + m * K, K, w, N, G, group_size, y + m * N);
+        if (bias)
+            for (int64_t n = 0; n < N; ++n) y[m * N + n] += bias[n];
     }
     return 0;
 }

@@ -16,6 +16,12 @@
 //
 // Every output element is computed by the same instruction sequence whatever M, N or
 // the thread count: results are batch invariant, bit for bit.
+//
+// Non-finite activations: int8 cannot hold NaN or inf (and NaN's conversion to an integer is
+// undefined), so the quantizer flags any row where a value does not land in [-127, 127]
+// (NaN, +-inf, or an absmax so small that 1 / d overflows), and those rows are computed
+// again by exact_row: the dequantized weight in fp32 arithmetic, NaN and inf propagating
+// as in F.linear. The check costs a compare per block; finite rows never take it.
 
 #include <algorithm>
 #include <cmath>
@@ -113,8 +119,9 @@ static inline void store_elem(void* p, int64_t i, int dtype, float v) {
 // ---- activation quantization: x [K] -> xq [G * nb * 32], dx [G * nb], xsum [G] ----
 
 // One block of up to 32 columns [c, c + n) -> 32 int8 (zero-padded); returns sum(xq).
+// *bad is set when a value does not quantize (NaN, inf: see exact_row).
 static int quantize_block_scalar(const void* x, const void* act_scale, int64_t c, int n, int dtype,
-                                 int8_t* out, float* d_out) {
+                                 int8_t* out, float* d_out, bool* bad) {
     float v[32];
     float amax = 0.0f;
     for (int i = 0; i < 32; ++i) {
@@ -130,7 +137,10 @@ static int quantize_block_scalar(const void* x, const void* act_scale, int64_t c
     const float inv = d > 0.0f ? 1.0f / d : 0.0f;
     int isum = 0;
     for (int i = 0; i < 32; ++i) {
-        const int q = (int)std::nearbyint(v[i] * inv);  // ties to even, as cvtps2dq does
+        const float r = std::nearbyint(v[i] * inv);  // ties to even, as cvtps2dq does
+        const bool fits = std::fabs(r) <= 127.0f;    // false for NaN
+        *bad |= !fits;
+        const int q = fits ? (int)r : 0;
         out[i] = (int8_t)q;
         isum += q;
     }
@@ -149,9 +159,11 @@ AWQ_AVX2 static inline __m256 load8_avx2(const void* p, int64_t i, int dtype) {
 }
 
 // A full block of 32 columns, the same arithmetic as quantize_block_scalar (bit for bit
-// on finite inputs): fp32 products, absmax, x * (1 / d) rounded to nearest even.
+// on finite inputs): fp32 products, absmax, x * (1 / d) rounded to nearest even. A value
+// that does not quantize converts to INT_MIN (NaN, inf) or below -127, and saturates to
+// -128, which finite values never reach (|x * (1 / d)| <= 127.0001 whenever 1 / d is finite).
 AWQ_AVX2 static int quantize_block_avx2(const void* x, const void* act_scale, int64_t c, int dtype,
-                                        int8_t* out, float* d_out) {
+                                        int8_t* out, float* d_out, bool* bad) {
     __m256 v[4];
     const __m256 sign = _mm256_set1_ps(-0.0f);
     __m256 m = _mm256_setzero_ps();
@@ -169,6 +181,7 @@ AWQ_AVX2 static int quantize_block_avx2(const void* x, const void* act_scale, in
     for (int j = 0; j < 4; ++j) q[j] = _mm256_cvtps_epi32(_mm256_mul_ps(v[j], inv));
     // packs works per 128-bit lane; the permute puts the 4-byte runs back in column order
     const __m256i packed = _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
+    *bad |= _mm256_movemask_epi8(_mm256_cmpeq_epi8(packed, _mm256_set1_epi8(-128))) != 0;
     _mm256_storeu_si256((__m256i*)out,
                         _mm256_permutevar8x32_epi32(packed, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
     const __m256i s = _mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3]));
@@ -180,8 +193,10 @@ AWQ_AVX2 static int quantize_block_avx2(const void* x, const void* act_scale, in
 }
 #endif
 
-static void quantize_row(const void* x, int dtype, const void* act_scale, int64_t K, int64_t G,
+// Returns true when the row holds a value int8 cannot represent (see exact_row).
+static bool quantize_row(const void* x, int dtype, const void* act_scale, int64_t K, int64_t G,
                          int64_t group_size, int64_t nb, bool vector, int8_t* xq, float* dx, float* xsum) {
+    bool bad = false;
     for (int64_t g = 0; g < G; ++g) {
         float sum = 0.0f;
         for (int64_t b = 0; b < nb; ++b) {
@@ -193,10 +208,10 @@ static void quantize_row(const void* x, int dtype, const void* act_scale, int64_
             float* d = dx + g * nb + b;
             int isum;
 #if AWQ_X86
-            if (vector && n == 32) isum = quantize_block_avx2(x, act_scale, start, dtype, out, d);
+            if (vector && n == 32) isum = quantize_block_avx2(x, act_scale, start, dtype, out, d, &bad);
             else
 #endif
-                isum = quantize_block_scalar(x, act_scale, start, n, dtype, out, d);
+                isum = quantize_block_scalar(x, act_scale, start, n, dtype, out, d, &bad);
             sum += *d * (float)isum;
             if (vector && (b & 1)) {  // pair (b - 1, b): [A0-15 A16-31 B0-15 B16-31] -> [A0-15 B0-15 A16-31 B16-31]
                 int8_t tmp[16];
@@ -207,6 +222,7 @@ static void quantize_row(const void* x, int dtype, const void* act_scale, int64_
         }
         xsum[g] = sum;
     }
+    return bad;
 }
 
 // ---- dot products: R rows of one tile against one quantized activation row ----
@@ -217,6 +233,10 @@ static inline void group_header(const uint8_t* group, float* scale, float* scale
     std::memcpy(scale, group, 4);
     std::memcpy(scaled_zero, group + 4, 4);
 }
+
+// The zero point a header stands for: its scale * zero over its scale, rounded (exact for
+// the integers 0..15 in fp32).
+static inline int zero_of(float s, float sz) { return s != 0.0f ? (int)std::nearbyint(sz / s) : 0; }
 
 template <int R, int MB>
 static void rows_scalar(const uint8_t* const* w, int64_t G, int64_t nb, const int8_t* const* xqs,
@@ -491,21 +511,52 @@ AWQ_ROWS_ARM(rows_dotprod, __attribute__((target("arch=armv8.2-a+dotprod"))), do
 #endif  // AWQ_ARM
 
 // ---- dequantization: rows of W to a dense [N, K] matrix (fp32 or bf16) ----
-// w = fma(scale, q, -scale * zero): one rounding, the same on every path.
+// w = (q - zero) * scale: one rounding (q - zero is a small integer), the same on every
+// path, and exactly 0 where q == zero, as the canonical weight is (an fma with the header's
+// rounded scale * zero left a residue there, so that inf * w gave +-inf where F.linear on
+// the weight gives NaN).
 
 // The first `count` columns of one group (header and blocks) to out[at, at + count).
 static void dequantize_group_scalar(const uint8_t* group, int64_t count, int dtype, void* out, int64_t at) {
     float scale, scaled_zero;
     group_header(group, &scale, &scaled_zero);
+    const int zero = zero_of(scale, scaled_zero);
     for (int64_t j = 0; j < count; ++j) {
         const uint8_t byte = group[8 + (j / 32) * 16 + j % 16];
         const int q = (j % 32) < 16 ? (byte & 15) : (byte >> 4);
-        store_elem(out, at + j, dtype, std::fmaf(scale, (float)q, -scaled_zero));
+        store_elem(out, at + j, dtype, (float)(q - zero) * scale);
     }
 }
 
 static int64_t group_columns(int64_t g, int64_t K, int64_t group_size) {  // the last group may be cut by K
     return std::min(group_size, K - g * group_size);
+}
+
+// ---- rows the int8 path cannot take (NaN or inf in the activations) ----
+// out[n] = sum_k x[k] * w[n, k] over the dequantized weight (w as above), fp32 products
+// summed in column order: NaN and inf propagate as through F.linear on the dense weight
+// (inf * w is +-inf by w's sign, NaN where w is exactly 0 or where +inf and -inf meet).
+// x [K] is already times act_scale. Plain loops: only rows holding NaN or inf come here.
+static void exact_row(const float* x, int64_t K, const uint8_t* w, int64_t N, int64_t G, int64_t group_size,
+                      float* out) {
+    const int64_t nb = (group_size + 31) / 32, group_bytes = 8 + 16 * nb;
+#pragma omp parallel for schedule(static) if (N * K >= (1 << 16))
+    for (int64_t n = 0; n < N; ++n) {
+        float acc = 0.0f;
+        for (int64_t g = 0; g < G; ++g) {
+            const uint8_t* group = w + (n * G + g) * group_bytes;
+            float scale, scaled_zero;
+            group_header(group, &scale, &scaled_zero);
+            const int zero = zero_of(scale, scaled_zero);
+            const int64_t count = group_columns(g, K, group_size);
+            for (int64_t j = 0; j < count; ++j) {
+                const uint8_t byte = group[8 + (j / 32) * 16 + j % 16];
+                const int q = (j % 32) < 16 ? (byte & 15) : (byte >> 4);
+                acc += x[g * group_size + j] * ((float)(q - zero) * scale);
+            }
+        }
+        out[n] = acc;
+    }
 }
 
 static void dequantize_row_scalar(const uint8_t* row, int64_t K, int64_t G, int64_t group_size, int64_t nb,
@@ -535,22 +586,23 @@ AWQ_AVX2 static void dequantize_row_avx2(const uint8_t* row, int64_t K, int64_t 
         }
         float scale, scaled_zero;
         group_header(row + g * group_bytes, &scale, &scaled_zero);
-        const __m256 s = _mm256_set1_ps(scale), sz = _mm256_set1_ps(scaled_zero);
+        const __m256 s = _mm256_set1_ps(scale), z = _mm256_set1_ps((float)zero_of(scale, scaled_zero));
         if (dtype == F32) {
             for (int64_t b = 0; b < nb; ++b) {
                 const __m128i v = _mm_loadu_si128((const __m128i*)(row + g * group_bytes + 8 + 16 * b));
                 const __m128i half[2] = {_mm_and_si128(v, mask), _mm_and_si128(_mm_srli_epi16(v, 4), mask)};
                 for (int j = 0; j < 4; ++j) {  // columns 8j .. 8j + 7 of the block
                     const __m128i bytes = j & 1 ? _mm_srli_si128(half[j / 2], 8) : half[j / 2];
-                    _mm256_storeu_ps((float*)out + offset + start + 32 * b + 8 * j,
-                                     _mm256_fmsub_ps(s, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(bytes)), sz));
+                    const __m256 q = _mm256_sub_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(bytes)), z);
+                    _mm256_storeu_ps((float*)out + offset + start + 32 * b + 8 * j, _mm256_mul_ps(q, s));
                 }
             }
             continue;
         }
         // bf16: the group's 16 possible values, their low and high bytes looked up by code
-        const __m256i r0 = f32x8_to_bf16_lanes(_mm256_fmsub_ps(s, _mm256_setr_ps(0, 1, 2, 3, 4, 5, 6, 7), sz));
-        const __m256i r1 = f32x8_to_bf16_lanes(_mm256_fmsub_ps(s, _mm256_setr_ps(8, 9, 10, 11, 12, 13, 14, 15), sz));
+        const __m256 q0 = _mm256_sub_ps(_mm256_setr_ps(0, 1, 2, 3, 4, 5, 6, 7), z);  // q - zero, q = 0..7
+        const __m256 q1 = _mm256_sub_ps(_mm256_setr_ps(8, 9, 10, 11, 12, 13, 14, 15), z);
+        const __m256i r0 = f32x8_to_bf16_lanes(_mm256_mul_ps(q0, s)), r1 = f32x8_to_bf16_lanes(_mm256_mul_ps(q1, s));
         const __m256i values = _mm256_permute4x64_epi64(_mm256_packus_epi32(r0, r1), 0xd8);  // 16 x u16, in order
         const __m256i split = _mm256_permute4x64_epi64(_mm256_shuffle_epi8(values, _mm256_setr_epi8(
             0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15, 0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15)), 0xd8);
@@ -569,14 +621,18 @@ AWQ_AVX2 static void dequantize_row_avx2(const uint8_t* row, int64_t K, int64_t 
 }
 
 // One row of x (times act_scale) rounded to bf16, 8 columns at a time; returns how many
-// columns it did (awq_cpu_to_bf16 does the rest).
+// columns it did (awq_cpu_to_bf16 does the rest). Activations may hold NaN: rounding would
+// carry a NaN's payload into the exponent (to inf, or to -0), so NaNs are kept quiet NaNs,
+// as f32_to_bf16 keeps them.
 AWQ_AVX2 static int64_t to_bf16_row_avx2(const void* x, int64_t offset, int64_t K, int dtype, const void* act_scale,
                                          uint16_t* out) {
     int64_t c = 0;
     for (; c + 8 <= K; c += 8) {
         __m256 v = load8_avx2(x, offset + c, dtype);
         if (act_scale) v = _mm256_mul_ps(v, load8_avx2(act_scale, c, dtype));
-        const __m256i r = f32x8_to_bf16_lanes(v);
+        const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+        const __m256i quiet = _mm256_or_si256(_mm256_srli_epi32(_mm256_castps_si256(v), 16), _mm256_set1_epi32(0x40));
+        const __m256i r = _mm256_blendv_epi8(f32x8_to_bf16_lanes(v), quiet, nan);
         _mm_storeu_si128((__m128i*)(out + offset + c),
                          _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1)));
     }
@@ -655,11 +711,28 @@ struct Problem {
     bool pair_permuted;  // the x86 kernels read pairs of blocks
     int8_t* xq;
     float *dx, *xsum;
+    uint8_t* bad;  // [M]: rows that hold NaN or inf, recomputed by exact_row
 };
 
 static void quantize_rows(const Problem& p, int64_t m) {
-    quantize_row((const char*)p.x + m * p.K * (p.dtype == F32 ? 4 : 2), p.dtype, p.act_scale, p.K, p.G,
-                 p.group_size, p.nb, p.pair_permuted, p.xq + m * p.x_stride, p.dx + m * p.G * p.nb, p.xsum + m * p.G);
+    p.bad[m] = quantize_row((const char*)p.x + m * p.K * (p.dtype == F32 ? 4 : 2), p.dtype, p.act_scale, p.K, p.G,
+                            p.group_size, p.nb, p.pair_permuted, p.xq + m * p.x_stride, p.dx + m * p.G * p.nb,
+                            p.xsum + m * p.G);
+}
+
+// Output row m again through exact_row (the int8 path's result there is meaningless).
+// Returns 0, or -2 when out of memory.
+static int recompute_row(const Problem& p, int64_t m) {
+    float* buffer = (float*)std::malloc(sizeof(float) * (size_t)(p.K + p.N));
+    if (!buffer) return -2;
+    float *xr = buffer, *out = buffer + p.K;
+    for (int64_t c = 0; c < p.K; ++c)
+        xr[c] = load_elem(p.x, m * p.K + c, p.dtype) * (p.act_scale ? load_elem(p.act_scale, c, p.dtype) : 1.0f);
+    exact_row(xr, p.K, p.w, p.N, p.G, p.group_size, out);
+    for (int64_t n = 0; n < p.N; ++n)
+        store_elem(p.y, m * p.N + n, p.dtype, out[n] + (p.bias ? load_elem(p.bias, n, p.dtype) : 0.0f));
+    std::free(buffer);
+    return 0;
 }
 
 // Output rows [kRows t, kRows (t + 1)) for every activation row.
@@ -708,6 +781,8 @@ static void run_tile(const Problem& p, int64_t t) {
 // y[M, N] = x[M, K] (times act_scale) @ W.T + bias, W in the "cpu_blocks" layout with G
 // groups of group_size columns. x, act_scale, bias and y share `dtype`; act_scale and
 // bias may be NULL. Returns 0, or -1 for an unknown isa/dtype, -2 when out of memory.
+// The sizes are trusted: the callers check them against the tensors (cpu_op.cpp,
+// cpu_kernel.py).
 int awq_cpu_linear(const void* x, int64_t M, int64_t K, int dtype, const uint8_t* w, int64_t N,
                    int64_t G, int64_t group_size, const void* act_scale, const void* bias,
                    void* y, int isa) {
@@ -720,9 +795,10 @@ int awq_cpu_linear(const void* x, int64_t M, int64_t K, int dtype, const uint8_t
     p.x_stride = G * p.nb * 32;
     p.pair_permuted = p.k.tile_pair != nullptr;
     p.xq = (int8_t*)std::malloc((size_t)(M * p.x_stride) + 64);
-    p.dx = (float*)std::malloc(sizeof(float) * (size_t)(M * G * p.nb + M * G));
+    p.dx = (float*)std::malloc(sizeof(float) * (size_t)(M * G * p.nb + M * G) + (size_t)M);
     if (!p.xq || !p.dx) { std::free(p.xq); std::free(p.dx); return -2; }
     p.xsum = p.dx + M * G * p.nb;
+    p.bad = (uint8_t*)(p.xsum + M * G);
 
     // Small problems stay on this thread, without even entering an OpenMP region.
     if (M * K >= 65536) {
@@ -738,9 +814,12 @@ int awq_cpu_linear(const void* x, int64_t M, int64_t K, int dtype, const uint8_t
     } else {
         for (int64_t t = 0; t < tiles; ++t) run_tile(p, t);
     }
+    int rc = 0;
+    for (int64_t m = 0; m < M && !rc; ++m)
+        if (p.bad[m]) rc = recompute_row(p, m);
     std::free(p.xq);
     std::free(p.dx);
-    return 0;
+    return rc;
 }
 
 // out[N, K] (fp32 or bf16 per dtype; F16 is refused) = the weight W stands for. Returns 0,

@@ -7,7 +7,10 @@ AVX-VNNI, and AVX512-VNNI with two weight rows per register, bit-identical to AV
 a NEON path (and dotprod), and portable C++, picked by the features of the CPU
 it runs on (``isa()``). It has no torch headers: the system C++ compiler builds it in
 about a second, once per (source, compiler, machine), into
-``$AWQTENSOR_CACHE/cpu_kernel`` (default ``~/.cache/awqtensor``). OpenMP threads come
+``$AWQTENSOR_CACHE/cpu_kernel`` (default ``~/.cache/awqtensor``), whose directories are
+created private (0o700); a cached library, or a directory above it, that another user
+could have written (not owned by the current user, or writable by group or others) is
+refused, with the warning below (a library is code: it runs when loaded). OpenMP threads come
 from the libgomp torch already loaded, so ``torch.set_num_threads`` governs them.
 
 Two builds of the same kernel: ``cpu_op.cpp`` includes it and registers it, against
@@ -20,6 +23,9 @@ torch's int4 layout. ``AWQTENSOR_DISABLE=cpu_blocks`` turns the kernel off;
 
 Accuracy: int8 activations add a relative error of about 0.6% to the outputs (1% with
 outlier channels; ``tests/test_cpu_kernel.py``); perplexity moves by under 0.1 (README).
+A row of x holding NaN or inf, which int8 cannot carry, is flagged while it is quantized
+(a compare per 32 columns) and computed again on the dequantized weight in fp32, so NaN
+and inf come out as ``F.linear`` on that weight gives them (``tests/test_op_hardening.py``).
 
 Large M (prefill) on CPUs with native bf16 matmuls (AVX512-BF16 or AMX, as torch detects
 them): from ``DENSE_MIN_M`` rows and ``DENSE_MIN_MACS`` multiply-adds the C++ op
@@ -43,12 +49,15 @@ import logging
 import os
 import platform
 import shutil
+import stat
 import subprocess
 import tempfile
 import warnings
 from pathlib import Path
 
 import torch
+
+from . import reference
 
 log = logging.getLogger("awqtensor")
 SOURCE = Path(__file__).with_name("cpu_kernel.cpp")
@@ -109,9 +118,40 @@ def _compiler() -> str | None:
     return None
 
 
+class UntrustedCache(RuntimeError):
+    """A cache directory or library that another user could have written."""
+
+
+def _trusted(path: Path) -> None:
+    """Raise UntrustedCache unless ``path`` is owned by the current user and not writable by
+    group or others: a library found in the cache is loaded, so runs, as this process."""
+    if not hasattr(os, "getuid"):  # Windows: no POSIX owner and mode bits to check
+        return
+    info = os.stat(path)
+    if info.st_uid != os.getuid():
+        raise UntrustedCache(f"{path} is owned by uid {info.st_uid}, not by you (uid {os.getuid()}); set "
+                             f"AWQTENSOR_CACHE to a directory of your own")
+    if info.st_mode & 0o022:
+        raise UntrustedCache(f"{path} is writable by group or others (mode {stat.S_IMODE(info.st_mode):o}); run "
+                             f"chmod go-w {path}, or set AWQTENSOR_CACHE to a private directory")
+
+
+def _private_dir(path: Path) -> Path:
+    """``path``, created with mode 0o700 where missing, after ``_trusted`` accepts it."""
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    _trusted(path)
+    return path
+
+
+def _cache_root() -> Path:
+    return Path(os.environ.get("AWQTENSOR_CACHE") or Path.home() / ".cache" / "awqtensor")
+
+
 def _cache_dir() -> Path:
-    root = os.environ.get("AWQTENSOR_CACHE") or Path.home() / ".cache" / "awqtensor"
-    return Path(root) / "cpu_kernel"
+    """``$AWQTENSOR_CACHE/cpu_kernel``, its directories created private where missing and
+    refused (UntrustedCache) where another user could write them."""
+    _private_dir(_cache_root())
+    return _private_dir(_cache_root() / "cpu_kernel")
 
 
 def _torch_flags() -> list[str]:
@@ -134,10 +174,12 @@ def _build(compiler: str, binding: bool = False) -> Path:
         sources += BINDING.read_bytes() + STEP.read_bytes() + b"".join(g.read_bytes() for g in GEMM) + torch.__version__.encode()
     key = hashlib.sha256(sources + version.encode() + " ".join(FLAGS).encode()
                          + platform.machine().encode()).hexdigest()[:16]
-    target = _cache_dir() / key / ("libawqtensor_cpu_op.so" if binding else "libawqtensor_cpu.so")
+    target = _private_dir(_cache_dir() / key) / ("libawqtensor_cpu_op.so" if binding else "libawqtensor_cpu.so")
     if target.exists():
+        _trusted(target)
+        if not target.is_file():
+            raise UntrustedCache(f"{target} is not a regular file; delete it")
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
     log.info("building awqtensor's CPU kernel%s into %s (once)", " for torch" if binding else "", target.parent)
     extra = _torch_flags() if binding else []
     errors = []
@@ -147,6 +189,7 @@ def _build(compiler: str, binding: bool = False) -> Path:
             run = subprocess.run([compiler, *FLAGS, *openmp, str(BINDING if binding else SOURCE), "-o", str(out),
                                   *extra], capture_output=True, text=True)
             if run.returncode == 0:
+                os.chmod(out, 0o700)  # whatever the umask: _trusted refuses a group-writable library
                 os.replace(out, target)  # atomic: concurrent builds cannot see half a file
                 return target
             errors.append(run.stderr.strip().splitlines()[-1] if run.stderr.strip() else f"exit {run.returncode}")
@@ -182,8 +225,9 @@ def _load() -> tuple[ctypes.CDLL | None, str | None]:
             raise RuntimeError("no C++ compiler found (set CXX, or install g++ or clang++)")
         lib = _load_binding(compiler) or ctypes.CDLL(str(_build(compiler)))
     except (OSError, RuntimeError, subprocess.SubprocessError) as e:
-        hint = f" (is {_cache_dir()} writable? AWQTENSOR_CACHE moves it)" if isinstance(e, PermissionError) else ""
-        reason = f"the CPU kernel could not be built: {e}{hint}"
+        hint = f" (is {_cache_root()} writable? AWQTENSOR_CACHE moves it)" if isinstance(e, PermissionError) else ""
+        what = "'s cache is refused" if isinstance(e, UntrustedCache) else " could not be built"
+        reason = f"the CPU kernel{what}: {e}{hint}"
         warnings.warn(f"awqtensor: {reason}; int4 matmuls on the CPU use torch's slower int4 kernel",
                       RuntimeWarning, stacklevel=3)
         return None, reason
@@ -236,10 +280,27 @@ def _isa_code(forced: str | None) -> int:
     return ISAS[isa()]
 
 
+def _check_cpu(op: str, **tensors) -> None:
+    for name, t in tensors.items():
+        if t is not None and t.device.type != "cpu":
+            raise ValueError(f"{op}: {name} must be a CPU tensor, got one on {t.device}")
+
+
 def linear(x: torch.Tensor, qweight: torch.Tensor, n_groups: int, group_size: int,
-           act_scale: torch.Tensor | None, bias: torch.Tensor | None, out_features: int) -> torch.Tensor:
+           act_scale: torch.Tensor | None, bias: torch.Tensor | None, out_features: int,
+           check: bool = True) -> torch.Tensor:
     """``x [..., K] (* act_scale) @ W.T + bias`` for a "cpu_blocks" ``qweight``, in x.dtype.
-    Every microsecond here counts at decode, where a SmolLM2 layer's kernel takes ~5 us."""
+    Every microsecond here counts at decode, where a SmolLM2 layer's kernel takes ~5 us.
+    The arguments are checked against each other first (a ValueError), unless the caller
+    did (``check=False``: ``cpu.int4_linear``, after ``reference.check_linear_args``)."""
+    if check:
+        op = "awqtensor cpu_kernel.linear"
+        reference.check_x(op, x)
+        reference.check_layout(op, qweight, out_features, n_groups, group_size, x.shape[-1], "x.shape[-1]",
+                               "cpu_blocks")
+        reference.check_vector(op, "act_scale", act_scale, x.shape[-1], "x.shape[-1]")
+        reference.check_vector(op, "bias", bias, out_features, "out_features")
+        _check_cpu(op, x=x, qweight=qweight, act_scale=act_scale, bias=bias)
     k = x.shape[-1]
     x2 = x if x.dim() == 2 and x.is_contiguous() else x.reshape(-1, k).contiguous()
     m = x2.shape[0]
@@ -263,9 +324,14 @@ def linear(x: torch.Tensor, qweight: torch.Tensor, n_groups: int, group_size: in
 
 
 def dequantize(qweight: torch.Tensor, n_groups: int, group_size: int, shape: tuple[int, int],
-               dtype: torch.dtype) -> torch.Tensor:
-    """The dense [N, K] weight a "cpu_blocks" ``qweight`` stands for, in fp32 or bf16."""
+               dtype: torch.dtype, check: bool = True) -> torch.Tensor:
+    """The dense [N, K] weight a "cpu_blocks" ``qweight`` stands for, in fp32 or bf16
+    (``check``: as in ``linear``)."""
     n, k = shape
+    if check:
+        reference.check_layout("awqtensor cpu_kernel.dequantize", qweight, n, n_groups, group_size, k, "in_features",
+                               "cpu_blocks")
+        _check_cpu("awqtensor cpu_kernel.dequantize", qweight=qweight)
     out = torch.empty(n, k, dtype=dtype)
     if not qweight.is_contiguous():
         qweight = qweight.contiguous()

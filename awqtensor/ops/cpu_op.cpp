@@ -71,6 +71,67 @@ bool disabled(std::string_view name) {  // AWQTENSOR_DISABLE=a,b,...
     return false;
 }
 
+// ---- argument checks: every size the kernels trust, before a pointer reaches them ----
+// The contract of reference.check_linear_args (the Python paths), for "cpu_blocks"
+// weights. Integer comparisons only (a decode call takes ~5 us); the messages are built
+// only on failure. ValueError, naming the argument, what was expected and what came.
+
+bool is_float(c10::ScalarType t) {
+    return t == at::kFloat || t == at::kBFloat16 || t == at::kHalf;
+}
+
+// The weight's tensors and group_size against in_features (x's last dimension, or
+// dequantize's in_features): scales [N, G] float, qweight uint8 [N, G * (8 + 16 nb)]
+// (packing.to_cpu_blocks, nb = ceil(group_size / 32)), zeros uint8 [N, G] when given,
+// act_scale [in_features] float when given. Returns N.
+int64_t check_weight(const char* op, const at::Tensor& qweight, const at::Tensor& scales,
+                     const std::optional<at::Tensor>& zeros, const std::optional<at::Tensor>& act_scale,
+                     int64_t group_size, int64_t in_features, const char* in_name) {
+    TORCH_CHECK_VALUE(group_size > 0 && group_size <= (int64_t(1) << 32), op,
+                      ": group_size must be a positive number of columns, got ", group_size);
+    TORCH_CHECK_VALUE(scales.dim() == 2 && is_float(scales.scalar_type()), op,
+                      ": scales must be a 2-D [N, G] float tensor, got ", scales.scalar_type(), " of shape ",
+                      scales.sizes());
+    const int64_t n = scales.size(0), groups = scales.size(1);
+    TORCH_CHECK_VALUE(in_features >= 1 && groups == (in_features - 1) / group_size + 1, op, ": ", in_name, " = ",
+                      in_features, " does not fit the weight's ", groups, " groups of ", group_size,
+                      " columns (scales.shape[1]): expected ", (groups - 1) * group_size + 1, " to ",
+                      groups * group_size, " columns, i.e. ceil(", in_name, " / group_size) = G");
+    const int64_t row_bytes = groups * (8 + 16 * ((group_size + 31) / 32));
+    TORCH_CHECK_VALUE(qweight.scalar_type() == at::kByte && qweight.dim() == 2 && qweight.size(0) == n &&
+                          qweight.size(1) == row_bytes && qweight.is_cpu(),
+                      op, ": qweight must be a CPU uint8 tensor of [N, G * (8 + 16 * ceil(group_size / 32))] = [", n,
+                      ", ", row_bytes, "] bytes (the 'cpu_blocks' layout), got ", qweight.scalar_type(), " of shape ",
+                      qweight.sizes(), " on ", qweight.device());
+    if (zeros && zeros->defined())
+        TORCH_CHECK_VALUE(zeros->scalar_type() == at::kByte && zeros->dim() == 2 && zeros->size(0) == n &&
+                              zeros->size(1) == groups,
+                          op, ": zeros must be uint8 [N, G] = [", n, ", ", groups, "] like scales, got ",
+                          zeros->scalar_type(), " of shape ", zeros->sizes());
+    if (act_scale && act_scale->defined())
+        TORCH_CHECK_VALUE(act_scale->dim() == 1 && act_scale->size(0) == in_features &&
+                              is_float(act_scale->scalar_type()) && act_scale->is_cpu(),
+                          op, ": act_scale must be a 1-D float CPU tensor of ", in_name, " = ", in_features,
+                          " elements, got ", act_scale->scalar_type(), " of shape ", act_scale->sizes(), " on ",
+                          act_scale->device());
+    return n;
+}
+
+// A linear call: x [..., K] float (float32, bfloat16, float16), the weight (check_weight),
+// bias [N] float when given.
+void check_linear(const char* op, const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
+                  const std::optional<at::Tensor>& zeros, const std::optional<at::Tensor>& act_scale,
+                  const std::optional<at::Tensor>& bias, int64_t group_size) {
+    TORCH_CHECK_VALUE(x.dim() >= 1 && is_float(x.scalar_type()) && x.is_cpu(), op,
+                      ": x must be a float32, bfloat16 or float16 CPU tensor of [..., in_features], got ",
+                      x.scalar_type(), " of shape ", x.sizes(), " on ", x.device());
+    const int64_t n = check_weight(op, qweight, scales, zeros, act_scale, group_size, x.size(-1), "x.shape[-1]");
+    if (bias && bias->defined())
+        TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == n && is_float(bias->scalar_type()) && bias->is_cpu(),
+                          op, ": bias must be a 1-D float CPU tensor of N = ", n, " elements (scales.shape[0]), got ",
+                          bias->scalar_type(), " of shape ", bias->sizes(), " on ", bias->device());
+}
+
 // Whether an [m, k] x [n, k] call takes dense_linear rather than the int8 kernel.
 bool takes_dense_route(int64_t m, int64_t n, int64_t k) {
     return dense_min_m && m >= dense_min_m && m * n * k >= dense_min_macs && !disabled("cpu_dense") &&
@@ -138,13 +199,14 @@ c10::TypedOperatorHandle<LinearSignature> python_linear(const char* name) {
     return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<LinearSignature>();
 }
 
-at::Tensor int4_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
-                           const std::optional<at::Tensor>& zeros, const std::optional<at::Tensor>& act_scale,
-                           const std::optional<at::Tensor>& bias, int64_t group_size, c10::string_view packing_format) {
-    if (std::string_view(packing_format.data(), packing_format.size()) != "cpu_blocks") {
-        static auto python = python_linear("awqtensor::_int4_linear_py");
-        return python.call(x, qweight, scales, zeros, act_scale, bias, group_size, packing_format);
-    }
+bool is_cpu_blocks(c10::string_view packing_format) {
+    return std::string_view(packing_format.data(), packing_format.size()) == "cpu_blocks";
+}
+
+// int4_linear on a "cpu_blocks" weight whose arguments check_linear passed.
+at::Tensor int4_linear_checked(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
+                               const std::optional<at::Tensor>& act_scale, const std::optional<at::Tensor>& bias,
+                               int64_t group_size) {
     const int64_t k = x.size(-1), n = scales.size(0), groups = scales.size(1);
     const int dtype = dtype_code(x.scalar_type());
     const bool flat = x.dim() == 2 && x.is_contiguous();  // decode's case: no reshape, no view
@@ -172,6 +234,20 @@ at::Tensor int4_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, const
     return y.view(shape);
 }
 
+// Layouts other than "cpu_blocks", and AWQTENSOR_DISABLE=cpu_blocks, go to the Python
+// dispatcher (which checks the arguments against their layout and, the kernel disabled,
+// runs the reference).
+at::Tensor int4_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
+                           const std::optional<at::Tensor>& zeros, const std::optional<at::Tensor>& act_scale,
+                           const std::optional<at::Tensor>& bias, int64_t group_size, c10::string_view packing_format) {
+    if (!is_cpu_blocks(packing_format) || disabled("cpu_blocks")) {
+        static auto python = python_linear("awqtensor::_int4_linear_py");
+        return python.call(x, qweight, scales, zeros, act_scale, bias, group_size, packing_format);
+    }
+    check_linear("awqtensor::int4_linear", x, qweight, scales, zeros, act_scale, bias, group_size);
+    return int4_linear_checked(x, qweight, scales, act_scale, bias, group_size);
+}
+
 // ---- awqtensor::w4a8_linear: the prefill/decode switch ----
 // Calls of w4a8_min_m rows up to (not including) w4a8_max_m (M = numel / K; set from Python
 // by ops/w4a8.py; min 0 = never, max 0 = no limit) run the W4A8 GEMM (cpu_gemm.cpp) with
@@ -189,15 +265,15 @@ bool takes_w4a8_gemm(int64_t m, int64_t group_size) {
 at::Tensor w4a8_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
                            const std::optional<at::Tensor>& zeros, const std::optional<at::Tensor>& act_scale,
                            const std::optional<at::Tensor>& bias, int64_t group_size, c10::string_view packing_format) {
-    const int64_t k = x.size(-1), n = scales.size(0), groups = scales.size(1);
-    const int64_t m = k ? x.numel() / k : 0;
-    if (std::string_view(packing_format.data(), packing_format.size()) != "cpu_blocks") {
+    if (!is_cpu_blocks(packing_format) || disabled("cpu_blocks")) {
         static auto python = python_linear("awqtensor::_w4a8_linear_py");
         return python.call(x, qweight, scales, zeros, act_scale, bias, group_size, packing_format);
     }
+    check_linear("awqtensor::w4a8_linear", x, qweight, scales, zeros, act_scale, bias, group_size);
+    const int64_t k = x.size(-1), n = scales.size(0), groups = scales.size(1);
+    const int64_t m = x.numel() / k;
     if (!m || !takes_w4a8_gemm(m, group_size))
-        return int4_linear_cpu(x, qweight, scales, zeros, act_scale, bias, group_size, packing_format);
-    dtype_code(x.scalar_type());  // the same error as int4_linear for other dtypes
+        return int4_linear_checked(x, qweight, scales, act_scale, bias, group_size);
     at::Tensor x2 = x.reshape({m, k}).to(at::kFloat);
     if (act_scale) x2 = x2.mul(act_scale->to(at::kFloat));
     x2 = x2.contiguous();
@@ -221,15 +297,15 @@ at::Tensor dequantize_cpu(const at::Tensor& qweight, const at::Tensor& scales, c
                           const std::optional<at::Tensor>& act_scale, int64_t group_size, int64_t in_features,
                           c10::string_view packing_format) {
     const auto dtype = scales.scalar_type();
-    if (std::string_view(packing_format.data(), packing_format.size()) != "cpu_blocks" ||
-        (dtype != at::kFloat && dtype != at::kBFloat16) || disabled("cpu_blocks")) {
+    if (!is_cpu_blocks(packing_format) || (dtype != at::kFloat && dtype != at::kBFloat16) || disabled("cpu_blocks")) {
         static auto python = c10::Dispatcher::singleton()
                                  .findSchemaOrThrow("awqtensor::_dequantize_py", "")
                                  .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
                                                    const std::optional<at::Tensor>&, int64_t, int64_t, c10::string_view)>();
         return python.call(qweight, scales, zeros, act_scale, group_size, in_features, packing_format);
     }
-    const int64_t n = scales.size(0);
+    const int64_t n = check_weight("awqtensor::dequantize", qweight, scales, zeros, act_scale, group_size, in_features,
+                                   "in_features");
     const at::Tensor w = qweight.contiguous();
     at::Tensor out = at::empty({n, in_features}, scales.options());
     const int rc = awq_cpu_dequantize((const uint8_t*)w.data_ptr(), n, in_features, scales.size(1), group_size,
@@ -305,6 +381,10 @@ at::Tensor attention(const at::Tensor& query, const at::Tensor& key, const at::T
     const int64_t B = query.size(0), H = query.size(1), D = query.size(3), KVH = key.size(1), L = key.size(2);
     TORCH_CHECK(key.size(0) == B && key.size(3) == D && KVH > 0 && H % KVH == 0,
                 "awqtensor::decode_attention: key/value ", key.sizes(), " do not fit query ", query.sizes());
+    TORCH_CHECK(c10::isFloatingType(query.scalar_type()) && c10::isFloatingType(key.scalar_type()) &&
+                    c10::isFloatingType(value.scalar_type()) && query.is_cpu() && key.is_cpu() && value.is_cpu(),
+                "awqtensor::decode_attention: query, key and value must be float CPU tensors, got ",
+                query.scalar_type(), ", ", key.scalar_type(), ", ", value.scalar_type());
     if (query.scalar_type() != at::kFloat || key.scalar_type() != at::kFloat || value.scalar_type() != at::kFloat)
         return attention(query.to(at::kFloat), key.to(at::kFloat), value.to(at::kFloat), mask, scale, limit)
             .to(query.scalar_type());
@@ -313,6 +393,10 @@ at::Tensor attention(const at::Tensor& query, const at::Tensor& key, const at::T
     at::Tensor m;
     int64_t mb = 0, mh = 0, mj = 0;
     if (mask && mask->defined()) {
+        TORCH_CHECK((mask->scalar_type() == at::kBool || c10::isFloatingType(mask->scalar_type())) && mask->is_cpu() &&
+                        (mask->dim() != 4 || mask->size(2) >= 1),
+                    "awqtensor::decode_attention: mask must be a bool (True = attend) or float (additive) CPU "
+                    "tensor broadcastable to [B, H, 1, >= L], got ", mask->scalar_type(), " of shape ", mask->sizes());
         m = mask->dim() == 4 ? mask->select(2, mask->size(2) - 1) : *mask;
         TORCH_CHECK(m.dim() == 3 && (m.size(0) == 1 || m.size(0) == B) && (m.size(1) == 1 || m.size(1) == H) &&
                         m.size(2) >= L, "awqtensor::decode_attention: mask ", mask->sizes(), " does not fit ", key.sizes());

@@ -13,6 +13,13 @@
                 scale) -> [B, 1, H, D] in query.dtype
                 (one new token per row over a KV cache; ``awqtensor/generation.py``)
 
+Every CPU and Python implementation checks its arguments against each other before a
+tensor reaches a kernel (x's last dimension against the weight's groups, qweight's dtype
+and bytes in its layout, the shapes of scales, zeros, act_scale and bias, group_size,
+dtypes): a ValueError naming the argument, what was expected and what came
+(``reference.check_linear_args``; the C++ op's ``check_linear`` in cpu_op.cpp). NaN and
+inf in x propagate as through ``F.linear(x, dequantize(...), bias)`` on every CPU route.
+
 They are declared with ``torch.library.Library`` (schema, then a kernel per dispatch key)
 rather than the ``custom_op`` decorator: the decorator's Python wrapper costs about 6 us
 a call, as much as the whole CPU kernel on a SmolLM2-sized layer at decode. Neither op

@@ -10,7 +10,9 @@ and Triton version, ``$AWQTENSOR_CACHE/triton/<device>-triton<version>.json``::
 Nothing is measured at import or by default: a key missing from the cache gets the
 defaults below, unless ``AWQTENSOR_AUTOTUNE=1``, in which case the candidates are timed
 once (``triton.testing.do_bench``) on first use and the winner is saved.
-``benchmarks/gpu_kernels.py`` measures the thresholds and writes them here.
+``benchmarks/gpu_kernels.py`` measures the thresholds and writes them here. A cache file
+that another user could have written (not ours, or writable by group or others) is
+ignored with a warning; files are written private (0o600, directories 0o700).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import functools
 import json
 import logging
 import os
+import tempfile
 from pathlib import Path
 
 import torch
@@ -62,11 +65,29 @@ def _cache_path(device: torch.device, root: str) -> Path:
     return root / "triton" / f"{name}-triton{triton.__version__}.json"
 
 
+def _untrusted(path: Path) -> str | None:
+    """Why another user could have written ``path`` (not ours, or writable by group or
+    others), or None. The cache is data, not code, but it picks launch parameters."""
+    if not hasattr(os, "getuid"):  # Windows: no POSIX owner and mode bits
+        return None
+    info = path.stat()
+    if info.st_uid != os.getuid():
+        return f"owned by uid {info.st_uid}, not by you (uid {os.getuid()})"
+    if info.st_mode & 0o022:
+        return f"writable by group or others (mode {info.st_mode & 0o777:o}; chmod go-w {path})"
+    return None
+
+
 @functools.cache
 def _cache(path: Path) -> dict:
     if not path.is_file():
         return {"thresholds": {}, "configs": {}}
     try:
+        why = _untrusted(path)
+        if why is not None:
+            log.warning("ignoring the tuning cache %s: %s; defaults serve until it is fixed or AWQTENSOR_CACHE "
+                        "names a private directory", path, why)
+            return {"thresholds": {}, "configs": {}}
         data = json.loads(path.read_text())
         return {"thresholds": dict(data.get("thresholds", {})), "configs": dict(data.get("configs", {}))}
     except (OSError, ValueError, AttributeError) as error:
@@ -75,10 +96,15 @@ def _cache(path: Path) -> dict:
 
 
 def _save(path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(_cache(path), indent=1, sort_keys=True))
-    tmp.replace(path)
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")  # one per writer, 0o600
+    try:
+        with os.fdopen(fd, "w") as out:
+            out.write(json.dumps(_cache(path), indent=1, sort_keys=True))
+        os.replace(tmp, path)  # atomic: readers see the old file or the new one
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def thresholds(device: torch.device) -> dict[str, int]:

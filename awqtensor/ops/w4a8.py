@@ -7,7 +7,9 @@ by ``d[m, g] * scale[n, g]``. Per row *and group* rather than per row: the group
 rescale is needed for the weight's scale anyway, so the finer activation scale costs
 nothing, and one outlier channel (AWQ's ``act_scale`` makes the salient ones larger)
 then coarsens only its own group's 64 or 128 values, not the whole row's. The float
-function this computes is ``fake_quantize_activations(x * act_scale) @ dequantize(W).T``.
+function this computes is ``fake_quantize_activations(x * act_scale) @ dequantize(W).T``,
+except for rows holding NaN or inf, which int8 cannot carry: the CPU GEMM computes those
+on the dequantized weight in fp32, so they come out as through ``F.linear``.
 
 The switch (torchao 0.8's prefill idea): a call with M = numel / K rows (not
 ``x.shape[1]``, which is wrong for 2-D inputs) at or above the device's threshold runs
@@ -31,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import packing
+from . import reference
 
 MODES = (None, "int8")  # the ``activations=`` a config and an Int4AWQTensor take
 CPU_KERNELS = ("scalar", "avx2", "avx512_vnni", "amx", "neon_dotprod")  # the CPU GEMM's micro-kernels, by code
@@ -161,6 +164,8 @@ def _interpreting() -> bool:
 def _cpu_unsuitable(m: int, group_size: int, packing_format: str) -> str | None:
     if packing_format != packing.CPU_BLOCKS:
         return f"the weight is in the {packing_format!r} layout, not 'cpu_blocks'"
+    if "cpu_blocks" in _disabled():
+        return "disabled by AWQTENSOR_DISABLE=cpu_blocks (the C++ op hands the call to the reference)"
     route = _route
     if _lib() is None:
         return "the W4A8 GEMM lives in the C++ op, which is not built here"
@@ -179,7 +184,8 @@ def _cpu_unsuitable(m: int, group_size: int, packing_format: str) -> str | None:
 def unavailable(device: torch.device, packing_format: str, group_size: int) -> str | None:
     """Why W4A8 weights on ``device`` would never run the W4A8 GEMM, or None."""
     device = torch.device(device)
-    if device.type == "cpu" and packing_format == packing.CPU_BLOCKS and _lib() is not None and group_size % 32 == 0:
+    if (device.type == "cpu" and packing_format == packing.CPU_BLOCKS and _lib() is not None and group_size % 32 == 0
+            and "cpu_blocks" not in _disabled()):
         return None if _route["min_m"] is not None else _cpu_unsuitable(1, group_size, packing_format)
     return reasons(1 << 20, device, group_size, packing_format)["w4a8"]
 
@@ -201,8 +207,10 @@ def warn_unavailable(device, packing_format: str, group_size: int) -> None:
 def w4a8_linear(x, qweight, scales, zeros, act_scale, bias, group_size, packing_format):
     """CompositeExplicitAutograd: the Triton GEMM for the "triton" layout, else weight-only
     (with one warning where no W4A8 GEMM serves this layout and device)."""
+    reference.check_linear_args("awqtensor::w4a8_linear", x, qweight, scales, zeros, act_scale, bias, group_size,
+                                packing_format)
     k = x.shape[-1]
-    m = x.numel() // k if k else 0
+    m = x.numel() // k
     why = reasons(m, x.device, group_size, packing_format)["w4a8"]
     if m and why is None:
         from . import gpu
