@@ -21,10 +21,14 @@ tokens attend through ``_decode_attention`` (registered with transformers as
 this: a static cache, the decode attention and a compiled forward with the same guard
 filter, also on the CPU (transformers compiles only on accelerators by default).
 
-Both skip Dynamo's guards on module attributes: after compiling, a module's parameters
-must not be replaced (``quantize_``, ``fuse_``, ``quantize_head_`` and loading belong
-before the first call; a replaced module is not noticed). ``reset(model)`` drops the
-compiled steps and caches kept for it.
+Both skip Dynamo's guards on module attributes, and the C++ step holds the tensors it
+was built from, so what is kept for a model is keyed on a fingerprint of it (``_fingerprint``:
+every module, its forward hooks, and every parameter and buffer's identity, dtype, device,
+shape and data), taken once per ``generate`` (or transformers' ``generate``) call: loading
+with ``assign=True``, replacing a weight or a module, registering a hook or moving the
+model drops what was kept, and the next call builds it again (the compiled step
+recompiles). In-place changes (``load_state_dict`` without ``assign``, ``copy_``) keep
+it: the step reads the same tensors. ``reset(model)`` drops it by hand.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ import weakref
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 from . import native
 from .ops import cpu_kernel, reference
@@ -48,6 +53,7 @@ CACHE_STEP = 256  # cache lengths are rounded up to a multiple of this (one grap
 # What generate and fast_generate_ compile, per model; nothing kept here refers to its model.
 _steps: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
 _forwards: "weakref.WeakKeyDictionary[nn.Module, object]" = weakref.WeakKeyDictionary()
+_fingerprints: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()  # what they were built from
 
 
 def _compiled(fn, model: nn.Module, mode: bool | str = True, own_inputs: tuple[str, ...] | None = None):
@@ -189,6 +195,41 @@ def reset(model: nn.Module) -> None:
     """Forget the compiled decode steps (and their caches) kept for ``model``."""
     _steps.pop(model, None)
     _forwards.pop(model, None)
+    _fingerprints.pop(model, None)
+
+
+def _data(t: torch.Tensor) -> tuple:
+    """Where a tensor's data lives: its data pointer, or its inner tensors' (a subclass)."""
+    if is_traceable_wrapper_subclass(t):
+        return tuple(_data(getattr(t, name)) for name in t.__tensor_flatten__()[0])
+    return (t.data_ptr(),)
+
+
+def _fingerprint(model: nn.Module) -> tuple:
+    """What the steps, caches and plans kept for ``model`` were built from: every module and
+    its forward hooks (the global ones too), every parameter and buffer (identity, type,
+    dtype, device, shape, data pointers). Ids alone could repeat once a tensor is freed; a
+    kept plan holds its tensors alive, so their data pointers cannot. No references to the
+    model. SmolLM2-135M (705 entries): about 2 ms, once per generate call."""
+    hooks = nn.modules.module
+    parts = [tuple(hooks._global_forward_hooks), tuple(hooks._global_forward_pre_hooks)]
+    with torch._C.DisableTorchFunctionSubclass():  # a subclass's dtype/shape without its __torch_function__
+        for module in model.modules():
+            parts.append((id(module), type(module), tuple(module._forward_hooks), tuple(module._forward_pre_hooks)))
+            for name, t in itertools.chain(module._parameters.items(), module._buffers.items()):
+                parts.append((name, None) if t is None else
+                             (name, id(t), type(t), t.dtype, t.device, tuple(t.shape), _data(t)))
+    return tuple(parts)
+
+
+def _forget_if_changed(model: nn.Module) -> None:
+    """``reset(model)`` when its fingerprint differs from the one its kept steps were built from."""
+    fingerprint = _fingerprint(model)
+    if _fingerprints.get(model) != fingerprint:
+        if model in _steps or model in _forwards:
+            log.debug("%s changed since its decode steps were built: building them again", type(model).__name__)
+        reset(model)
+        _fingerprints[model] = fingerprint
 
 
 def _pick(logits: torch.Tensor, temperature: float, top_k: int | None, generator) -> torch.Tensor:
@@ -242,6 +283,7 @@ def generate(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int, *, 
     ids = input_ids.to(device=device, dtype=torch.int64)
     if compile:
         use_decode_attention_(model)
+    _forget_if_changed(model)
     greedy = temperature == 0.0
     keyword = _cache_keyword(model)
     step, cache = _step_for(model, batch, length, device, keyword, compile, greedy)
@@ -288,7 +330,9 @@ def fast_generate_(model: nn.Module) -> nn.Module:
 
 def _compiled_call(model: nn.Module, compile_config=None):
     """transformers' hook for its compiled forward (``fast_generate_``): the C++ step for
-    the decode calls it can serve, else our compiled forward, one per model."""
+    the decode calls it can serve, else our compiled forward, one per model. Called once per
+    ``model.generate`` call."""
+    _forget_if_changed(model)
     if model not in _forwards:
         def forward(module: nn.Module, *args, **kwargs):
             return module(*args, **kwargs)

@@ -27,7 +27,7 @@ from torch.utils._python_dispatch import return_and_correct_aliasing
 from torchao.utils import TorchAOBaseTensor
 
 from . import packing
-from .tensor import FLOAT_DTYPES, Int4AWQTensor, _int4_linear_op, moved_copy
+from .tensor import FLOAT_DTYPES, Int4AWQTensor, _int4_linear_op, _values_checkable, moved_copy
 
 aten = torch.ops.aten
 HI_ZERO = 8  # hi codes are stored offset by 8: [-8, 7] -> [0, 15]
@@ -38,12 +38,14 @@ class Int8HeadTensor(TorchAOBaseTensor):
     """A [V, H] weight as int8 codes with one scale per row: ``w ~= q * scale``,
     ``q = clamp(round(w / scale), -128, 127)``, ``scale = max|w_row| / 127``. Held as an
     Int4AWQTensor ``halves`` [V, 2H] (see the module docstring); ``int8()`` gives the codes
-    and scales back. Serves ``F.linear`` and ``F.embedding``."""
+    and scales back. Serves ``F.linear`` and ``F.embedding``. Checked where it is made or
+    restored (``check_head``), like ``halves`` itself."""
 
     tensor_data_names = ["halves"]
     tensor_attribute_names = ["shape"]
 
     def __new__(cls, halves, shape):
+        check_head(halves, shape)
         return torch.Tensor._make_wrapper_subclass(cls, shape, dtype=halves.dtype, device=halves.device,
                                                    requires_grad=False)
 
@@ -57,6 +59,12 @@ class Int8HeadTensor(TorchAOBaseTensor):
         if codes.dtype != torch.int8 or codes.dim() != 2 or scales.shape != codes.shape[:1]:
             raise ValueError(f"expected int8 codes [V, H] and scales [V], got {codes.dtype} "
                              f"{tuple(codes.shape)} and {tuple(scales.shape)}")
+        if not scales.is_floating_point():
+            raise TypeError(f"Int8HeadTensor: scales must be floating, got {scales.dtype}")
+        if _values_checkable(scales) and not bool((torch.isfinite(scales) & (scales > 0)).all()):
+            bad = scales[~(torch.isfinite(scales) & (scales > 0))]
+            raise ValueError(f"Int8HeadTensor: scales must be finite and positive, got {bad.numel()} that are not "
+                             f"(e.g. {bad[0].item()})")
         dtype = dtype or scales.dtype
         v, h = codes.shape
         wide = codes.to(torch.int16)
@@ -119,6 +127,52 @@ class Int8HeadTensor(TorchAOBaseTensor):
                 f"packing_format={self.halves.packing_format!r})")
 
 
+def check_head(halves, shape) -> None:
+    """Raise a ValueError/TypeError naming the field unless ``halves`` can hold a [V, H]
+    8-bit head (the module docstring): an Int4AWQTensor [V, 2H] of two groups of H per row
+    (its own fields, finite scales included, were checked when it was made), without
+    act_scale or int8 activations (the head's kernels apply neither)."""
+    if not isinstance(halves, Int4AWQTensor):
+        raise TypeError(f"Int8HeadTensor: halves must be an Int4AWQTensor, got {type(halves).__name__}")
+    if not (isinstance(shape, (tuple, list)) and len(shape) == 2
+            and all(isinstance(d, (int, torch.SymInt)) and not isinstance(d, bool) for d in shape)
+            and shape[0] >= 0 and shape[1] >= 1):
+        raise ValueError(f"Int8HeadTensor: shape must be a 2-D size [V, H >= 1], got {shape!r}")
+    v, h = shape
+    with torch._C.DisableTorchFunctionSubclass():
+        wide = tuple(halves.shape)
+    if wide != (v, 2 * h):
+        raise ValueError(f"Int8HeadTensor: halves must have shape [V, 2H] = {[v, 2 * h]} for shape {[v, h]}, "
+                         f"got {list(wide)}")
+    if halves.group_size != h:
+        raise ValueError(f"Int8HeadTensor: halves must have group_size H = {h} (hi and lo codes), got "
+                         f"{halves.group_size}")
+    if halves.act_scale is not None or halves.activations is not None:
+        raise ValueError(f"Int8HeadTensor: halves must have no act_scale and activations None, got "
+                         f"act_scale {'set' if halves.act_scale is not None else None}, activations "
+                         f"{halves.activations!r}")
+
+
+def _setstate(self, state):
+    # torch.load(weights_only=True) restores an Int8HeadTensor here (``halves`` has been
+    # restored, and checked, by Int4AWQTensor's own); the wrapper's shape, dtype and device
+    # come from the pickle and are checked against it.
+    if isinstance(state, tuple) and len(state) == 2 and not state[1]:  # (dict, no slots)
+        state = state[0]
+    if not isinstance(state, dict) or set(state) != {"halves"}:
+        got = sorted(map(str, state)) if isinstance(state, dict) else type(state).__name__
+        raise ValueError(f"Int8HeadTensor: a restored state must hold exactly ['halves'], got {got}")
+    halves = state["halves"]
+    with torch._C.DisableTorchFunctionSubclass():
+        shape, dtype, device = self.shape, self.dtype, self.device
+    check_head(halves, shape)
+    if (dtype, device) != (halves.dtype, halves.device):
+        raise ValueError(f"Int8HeadTensor: the restored tensor is {dtype} on {device} but its halves are "
+                         f"{halves.dtype} on {halves.device}; expected them to agree")
+    self.halves = halves
+
+
+Int8HeadTensor.__setstate__ = _setstate  # after the class: torchao's __init_subclass__ installs its own
 implements = Int8HeadTensor.implements
 
 
@@ -137,7 +191,19 @@ def _embedding(input, weight, padding_idx=None, max_norm=None, norm_type=2.0, sc
                sparse=False):
     if max_norm is not None:
         raise NotImplementedError("an 8-bit embedding cannot renormalize its rows in place (max_norm)")
+    if input.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"embedding: token ids must be int64 or int32, got {input.dtype}")
     flat = input.reshape(-1)
+    vocab = weight.shape[0]
+    if not _values_checkable(flat):
+        # traced: no values to read. Indexing would wrap a negative id; as id V instead it fails
+        # the compiled gather's bounds check, like any id >= V.
+        flat = torch.where(flat < 0, vocab, flat)
+    elif flat.numel():  # as F.embedding does: a bad id raises, never wraps
+        low, high = (int(t) for t in flat.aminmax())
+        if low < 0 or high >= vocab:
+            raise IndexError(f"embedding: token id {low if low < 0 else high} is out of range for the 8-bit "
+                             f"embedding's vocabulary of {vocab} (ids 0..{vocab - 1})")
     return weight.dequantize(flat).reshape(*input.shape, weight.shape[1])
 
 

@@ -204,7 +204,9 @@ def _layers(model: nn.Module, stack: nn.Module) -> tuple[list, list, list]:
 def plan(model: nn.Module, cache, length: int):
     """A ``torch.classes.awqtensor.DecodePlan`` over ``model`` and the (filled) static
     ``cache``, or raises ValueError with ``unsupported``'s reason. It holds the model's
-    tensors: build a new one after replacing any (``generation.reset``)."""
+    tensors and reads them in place: after any is replaced, a hook added or the model
+    moved, build a new one (``generate`` does: it keys its plans on
+    ``generation._fingerprint``)."""
     try:
         stack, (embed, embed_scales, embed_group), (head, head_group, doubled), (linears, sizes, norms) = \
             _parts(model, length)

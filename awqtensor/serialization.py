@@ -11,7 +11,6 @@ names the one at fault. An 8-bit head (``Int8HeadTensor``) is stored as ``name.q
 from __future__ import annotations
 
 import json
-import warnings
 from pathlib import Path
 
 import safetensors.torch
@@ -81,7 +80,7 @@ def unflatten_state_dict(tensors: dict[str, torch.Tensor], metadata: dict[str, s
             if tuple(q.shape) != (n, k) or q.dtype != torch.int8 or tuple(scales.shape) != (n,):
                 raise ValueError(f"{name}: an 8-bit [{n}, {k}] weight needs int8 qweight [{n}, {k}] and scales "
                                  f"[{n}], got {q.dtype} {tuple(q.shape)} and {tuple(scales.shape)}")
-            state_dict[name] = Int8HeadTensor.from_int8(q, scales)
+            state_dict[name] = _built(name, Int8HeadTensor.from_int8, q, scales)
             continue
         group_size = info["group_size"]
         groups = -(-k // group_size)
@@ -100,12 +99,19 @@ def unflatten_state_dict(tensors: dict[str, torch.Tensor], metadata: dict[str, s
         if activations not in w4a8.MODES:
             raise ValueError(f"{name}: activations {activations!r} is not one this awqtensor knows "
                              f"({w4a8.MODES}); upgrade awqtensor")
-        state_dict[name] = Int4AWQTensor(
-            fields["qweight"], fields["scales"], group_size, torch.Size((n, k)), packing.PLAIN,
-            fields["zeros"], fields["act_scale"], activations,
-        )
+        state_dict[name] = _built(name, Int4AWQTensor, fields["qweight"], fields["scales"], group_size,
+                                  torch.Size((n, k)), packing.PLAIN, fields["zeros"], fields["act_scale"], activations)
     state_dict.update(tensors)
     return state_dict
+
+
+def _built(name: str, make, *args):
+    """``make(*args)``, its validation error prefixed with the weight's name."""
+    try:
+        return make(*args)
+    except (ValueError, TypeError) as err:
+        raise ValueError(f"{name}: {err}; the checkpoint is corrupted or was saved from a broken model: "
+                         f"re-quantize and re-save it") from err
 
 
 def _positive_int(value) -> bool:

@@ -12,6 +12,8 @@ from __future__ import annotations
 import importlib.metadata
 import logging
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import torch
@@ -42,7 +44,7 @@ def model_dir() -> Path:
     """A Hugging Face directory (config, safetensors, tokenizer) for the demo model,
     converted from the GGUF on first use."""
     target = cache_dir() / "SmolLM2-135M-Instruct"
-    if (target / "model.safetensors").is_file() and (target / "tokenizer.json").is_file():
+    if _complete(target):
         return target
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -53,11 +55,45 @@ def model_dir() -> Path:
     # The weights are plain fp32 now; drop the GGUF quantizer that would refuse to save them.
     model.hf_quantizer = None
     del model.config.quantization_config
-    tmp = target.with_name(target.name + ".tmp")
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    tmp.rename(target)  # atomic: a crash never leaves a half-written cache
+    target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    # A folder of this process's own next to the target, renamed into place at once: a crash
+    # never leaves a half-written cache, and concurrent conversions never share a folder.
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        _move_into_place(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # gone already where the rename succeeded
     return target
+
+
+def _complete(path: Path) -> bool:
+    return (path / "model.safetensors").is_file() and (path / "tokenizer.json").is_file()
+
+
+def _move_into_place(tmp: Path, target: Path) -> None:
+    """Rename ``tmp`` to ``target``. Where another process got there first with a complete
+    conversion, keep theirs (``tmp`` is then deleted by the caller); an incomplete one (an
+    older version's crash) is moved aside and replaced."""
+    try:
+        os.rename(tmp, target)  # atomic; fails if target is a non-empty folder
+        return
+    except OSError:
+        if _complete(target):
+            return
+    stale = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".stale", dir=target.parent))
+    try:
+        os.replace(target, stale / target.name)
+    except FileNotFoundError:  # it went away in between
+        pass
+    try:
+        os.rename(tmp, target)
+    except OSError:
+        if not _complete(target):  # a third process replaced it with something incomplete: give up
+            raise
+    finally:
+        shutil.rmtree(stale, ignore_errors=True)
 
 
 def load(dtype: torch.dtype = torch.float32):

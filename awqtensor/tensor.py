@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import hashlib
 
-
 import torch
 import torch.nn.functional as F
+from torch._subclasses.fake_tensor import is_fake
 from torch.utils._python_dispatch import return_and_correct_aliasing
 from torchao.utils import TorchAOBaseTensor, fill_defaults
 
@@ -54,6 +54,11 @@ class Int4AWQTensor(TorchAOBaseTensor):
     The logical dtype is ``scales.dtype`` and must match the activations. The weight
     stands for ``dequantize() = (q - zero) * scale * act_scale``. Pickling
     (``torch.save``) always writes the "plain" packing.
+
+    Every instance is checked where it is made (``__new__``, which ``from_float``,
+    ``_replace``, slicing and moves go through) or restored (``__setstate__``, which
+    ``torch.load(weights_only=True)`` calls): ``check_fields`` raises a ValueError/TypeError
+    naming the field, so a crafted checkpoint never reaches the kernels. Never per call.
     """
 
     tensor_data_names = ["qweight", "scales"]
@@ -63,6 +68,7 @@ class Int4AWQTensor(TorchAOBaseTensor):
 
     def __new__(cls, qweight, scales, group_size, shape, packing_format, zeros=None, act_scale=None,
                 activations=None):
+        check_fields(qweight, scales, group_size, shape, packing_format, zeros, act_scale, activations)
         return torch.Tensor._make_wrapper_subclass(
             cls, shape, dtype=scales.dtype, device=qweight.device, requires_grad=False
         )
@@ -100,8 +106,17 @@ class Int4AWQTensor(TorchAOBaseTensor):
         with torch.no_grad():
             scales, zeros = quant.choose_qparams(weight, group_size, zero_point)
             qweight = packing.pack_nibbles(quant.quantize(weight, scales, zeros, group_size))
+        if isinstance(act_scale, torch.Tensor) and act_scale.dtype in FLOAT_DTYPES + (torch.float64,):
+            act_scale = act_scale.to(device=weight.device, dtype=scales.dtype)  # held in the weight's dtype
         plain = cls(qweight, scales, group_size, weight.shape, packing.PLAIN, zeros, act_scale, activations)
         return plain._repacked_for(weight.device, weight.dtype)
+
+    def check(self) -> None:
+        """``check_fields`` on this tensor's current fields (``copy_`` runs it on its source)."""
+        with torch._C.DisableTorchFunctionSubclass():
+            shape = self.shape
+        check_fields(self.qweight, self.scales, self.group_size, shape, self.packing_format, self.zeros,
+                     self.act_scale, self.activations)
 
     @property
     def k_padded(self) -> int:
@@ -187,15 +202,122 @@ class Int4AWQTensor(TorchAOBaseTensor):
                 f"group_size={self.group_size}, {kind}, packing_format={self.packing_format!r}{extra})")
 
 
-def _setstate(self, state, _torchao_setstate=Int4AWQTensor.__setstate__):
-    # torchao's __init_subclass__ installs its own __setstate__ (it fills optional fields
-    # that old pickles lack), so ours wraps it rather than being defined in the class.
-    _torchao_setstate(self, state)
+# What a pickle's state holds: the declared fields but the shape, which is the wrapper's.
+_REQUIRED = tuple(n for n in Int4AWQTensor.tensor_data_names + Int4AWQTensor.tensor_attribute_names if n != "shape")
+_OPTIONAL = tuple(Int4AWQTensor.optional_tensor_data_names + Int4AWQTensor.optional_tensor_attribute_names)
+_DERIVED = ("_flat", "_in_features")  # recomputed, never trusted from a pickle
+
+
+def _setstate(self, state):
+    # torch.load(weights_only=True) restores an Int4AWQTensor here: the wrapper (shape,
+    # dtype, device) comes from the pickle's arguments, the fields from ``state``, and
+    # neither is trusted. Replaces the __setstate__ torchao's __init_subclass__ installs,
+    # keeping what it does: optional fields that older pickles lack default to None.
+    if isinstance(state, tuple) and len(state) == 2 and not state[1]:  # (dict, no slots)
+        state = state[0]
+    if not isinstance(state, dict):
+        raise ValueError(f"Int4AWQTensor: cannot restore from a {type(state).__name__} state; expected a dict "
+                         f"of its fields {_REQUIRED + _OPTIONAL}")
+    fields = {name: value for name, value in state.items() if name not in _DERIVED}
+    unknown = sorted(map(str, set(fields) - set(_REQUIRED + _OPTIONAL)))
+    missing = [name for name in _REQUIRED if name not in fields]
+    if unknown or missing:
+        raise ValueError(f"Int4AWQTensor: a restored state must hold {_REQUIRED} (and optionally {_OPTIONAL}); "
+                         f"got unknown {unknown}, missing {missing}")
+    fields = {**dict.fromkeys(_OPTIONAL), **fields}
     with torch._C.DisableTorchFunctionSubclass():
-        self._in_features = self.shape[1]  # derived, so never written (__getstate__)
+        shape, dtype, device = self.shape, self.dtype, self.device
+    check_fields(shape=shape, **fields)
+    if dtype != fields["scales"].dtype or device != fields["qweight"].device:
+        raise ValueError(f"Int4AWQTensor: the restored tensor is {dtype} on {device} but its scales are "
+                         f"{fields['scales'].dtype} and its qweight is on {fields['qweight'].device}; expected "
+                         f"the scales' dtype and the qweight's device")
+    for name, value in fields.items():
+        setattr(self, name, value)
+    self._in_features = shape[1]  # derived, so never written (__getstate__)
 
 
 Int4AWQTensor.__setstate__ = _setstate
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, (int, torch.SymInt)) and not isinstance(value, bool)
+
+
+def _tensor(field: str, value, dtypes: tuple, what: str) -> None:
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"Int4AWQTensor: {field} must be a tensor ({what}), got {type(value).__name__}")
+    if value.dtype not in dtypes:
+        raise TypeError(f"Int4AWQTensor: {field} must be {what}, got {value.dtype}")
+    if value.layout != torch.strided or value.is_nested:  # kernels read raw strided memory
+        raise TypeError(f"Int4AWQTensor: {field} must be a dense (strided) tensor, got layout {value.layout}"
+                        f"{' (nested)' if value.is_nested else ''}")
+
+
+def _shaped(field: str, value: torch.Tensor, expected: tuple, why: str) -> None:
+    if tuple(value.shape) != expected:
+        raise ValueError(f"Int4AWQTensor: {field} must have shape {list(expected)} ({why}), got "
+                         f"{list(value.shape)}")
+
+
+def _values_checkable(*tensors) -> bool:
+    """Whether values can be read: not while tracing (torch.compile, a dispatch mode such as
+    FakeTensorMode) nor of fake or meta tensors, where only shapes exist."""
+    if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack():
+        return False
+    return not any(t is not None and (t.device.type == "meta" or is_fake(t)) for t in tensors)
+
+
+def check_fields(qweight, scales, group_size, shape, packing_format, zeros=None, act_scale=None,
+                 activations=None) -> None:
+    """Raise a ValueError/TypeError naming the field (expected against got) unless these
+    fields make a valid Int4AWQTensor (the class docstring): the layout's qweight dtype and
+    shape, scales [N, ceil(K / group_size)] floating and finite, zero points 0..15,
+    act_scale [K] finite in the scales' dtype, one device. Costs one pass over scales,
+    zeros and act_scale (values are not read while tracing or of fake/meta tensors)."""
+    if packing_format not in packing.PACKINGS:
+        raise ValueError(f"Int4AWQTensor: packing_format must be one of {packing.PACKINGS}, got {packing_format!r}")
+    w4a8.check_mode("Int4AWQTensor", activations)
+    if not (isinstance(shape, (tuple, list)) and len(shape) == 2 and all(map(_is_int, shape))
+            and shape[0] >= 0 and shape[1] >= 1):
+        raise ValueError(f"Int4AWQTensor: shape must be a 2-D size [out_features >= 0, in_features >= 1], "
+                         f"got {shape!r}")
+    if not _is_int(group_size) or group_size < 1:
+        raise ValueError(f"Int4AWQTensor: group_size must be a positive int, got {group_size!r}")
+    n, k = shape
+    n_groups = -(-k // group_size)  # so the last group holds at least one real column
+    _tensor("scales", scales, FLOAT_DTYPES, f"floating, one of {FLOAT_DTYPES}")
+    _shaped("scales", scales, (n, n_groups), f"[N, ceil(K / group_size)] for shape {[n, k]} and group_size "
+                                              f"{group_size}")
+    if packing_format == packing.TRITON and group_size % 16:
+        raise ValueError(f"Int4AWQTensor: packing_format 'triton' needs group_size a multiple of 16, "
+                         f"got {group_size}")
+    if packing_format == packing.CPU_INT4PACK and packing.cpu_int4pack_group_size(group_size) is None:
+        raise ValueError(f"Int4AWQTensor: packing_format 'cpu_int4pack' needs group_size a multiple of 32, "
+                         f"got {group_size}")
+    expected, dtype = packing.qweight_layout(packing_format, n, n_groups, group_size)
+    _tensor("qweight", qweight, (dtype,), f"{dtype} in packing_format {packing_format!r}")
+    _shaped("qweight", qweight, expected, f"the {packing_format!r} layout of shape {[n, k]} with group_size "
+                                          f"{group_size}")
+    if zeros is not None:
+        _tensor("zeros", zeros, (torch.uint8,), "torch.uint8 zero points, or None for symmetric")
+        _shaped("zeros", zeros, (n, n_groups), "[N, n_groups], like scales")
+    if act_scale is not None:
+        _tensor("act_scale", act_scale, (scales.dtype,), f"{scales.dtype}, the scales' dtype")
+        _shaped("act_scale", act_scale, (k,), "[K], one per input channel")
+    devices = {name: t.device for name, t in (("qweight", qweight), ("scales", scales), ("zeros", zeros),
+                                              ("act_scale", act_scale)) if t is not None}
+    if len(set(devices.values())) > 1:
+        raise ValueError(f"Int4AWQTensor: all tensors must be on one device, got "
+                         f"{', '.join(f'{name} on {d}' for name, d in devices.items())}")
+    if not _values_checkable(qweight, scales, zeros, act_scale):
+        return
+    for name, t in (("scales", scales), ("act_scale", act_scale)):
+        if t is not None and not bool(torch.isfinite(t).all()):
+            raise ValueError(f"Int4AWQTensor: {name} must be finite, got {int((~torch.isfinite(t)).sum())} "
+                             f"NaN/Inf values")
+    if zeros is not None and zeros.numel() and int(zeros.max()) > 15:
+        raise ValueError(f"Int4AWQTensor: zeros must hold zero points 0..15, got a maximum of {int(zeros.max())}")
 
 
 def validate_weight(weight: torch.Tensor, group_size: int, name: str = "weight") -> None:
@@ -290,6 +412,7 @@ def _(func, types, args, kwargs):
     if not isinstance(src, Int4AWQTensor):
         raise TypeError(f"cannot copy a {type(src).__name__} into an Int4AWQTensor; load a quantized "
                         f"state dict, or quantize_ the float model instead of loading into a quantized one")
+    src.check()  # load_state_dict's source: its fields may have been set after it was made
     for field in ("shape", "group_size", "activations"):
         if getattr(self, field) != getattr(src, field):
             raise ValueError(f"copy_: {field} differs: destination {getattr(self, field)}, source {getattr(src, field)}")

@@ -4,7 +4,6 @@ tensor and over the quantization fields, saves that write beside the destination
 into place, and a model skeleton that never leaks onto other threads."""
 
 import json
-import os
 import subprocess
 import sys
 import threading

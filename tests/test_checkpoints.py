@@ -345,16 +345,13 @@ def test_verify_false_loads_a_corrupted_checkpoint_as_it_is(tmp_path):
 def test_a_non_finite_scale_is_refused_on_save_and_on_load(tmp_path, bad):
     name = "model.layers.0.self_attn.o_proj.weight"
     model = _quantized_llama()
-    linear = model.get_submodule(name[: -len(".weight")])
-    w = linear.weight
+    w = model.get_submodule(name[: -len(".weight")]).weight
     scales = w.scales.clone()
     scales[3, 1] = bad
-    linear.weight = nn.Parameter(w._replace(scales=scales), requires_grad=False)
-    with pytest.raises(ValueError, match=rf"{name}.scales holds inf or nan"):
-        save_quantized(model, tmp_path)
+    with pytest.raises(ValueError, match="scales must be finite"):  # no such tensor can be made
+        w._replace(scales=scales)
 
     # Written into the file with a valid digest: only the finiteness check can catch it.
-    linear.weight = w
     save_quantized(model, tmp_path)
     file = tmp_path / "model.safetensors"
     with safetensors.safe_open(str(file), framework="pt") as f:
@@ -365,7 +362,7 @@ def test_a_non_finite_scale_is_refused_on_save_and_on_load(tmp_path, bad):
     digest = checkpoint.digest(tensors[f"{name}.scales"])
     _edit_config(tmp_path, lambda qc: qc["digests"]["tensors"].update({f"{name}.scales": digest}))
     for verify in (True, False):
-        with pytest.raises(ValueError, match=rf"{name}.scales holds inf or nan; the checkpoint is corrupted"):
+        with pytest.raises(ValueError, match=rf"{name}: .*scales must be finite.* the checkpoint is corrupted"):
             load_quantized(tmp_path, verify=verify)
 
 
