@@ -7,7 +7,6 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 import warnings
 
 import numpy as np
@@ -342,22 +341,6 @@ def test_nonfinite_ctypes_launcher(dtype):
 
     check_route(call, dtype)
     check_route(lambda x, t, bias: torch.ops.awqtensor._int4_linear_py(*_op_args(x, t, bias)), dtype, ms=(1, 5))
-
-
-@pytest.mark.skipif(os.environ.get("AWQTENSOR_CPU_BINDING") != "ctypes", reason="run by test_ctypes_build")
-def test_ctypes_build_is_what_runs():
-    assert KERNEL and not cpu_kernel.binding()
-
-
-@needs_kernel
-def test_ctypes_build():
-    """The build without torch's headers (AWQTENSOR_CPU_BINDING=ctypes, where the C++ op
-    cannot be built): the ops are the Python dispatcher over the ctypes launcher. This
-    file's argument and NaN/inf tests, in a fresh process in that mode."""
-    tests = "ctypes_build_is_what_runs or (refuse_bad_arguments and cpu_blocks) or nonfinite_default_routes"
-    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", tests],
-                         env=dict(os.environ, AWQTENSOR_CPU_BINDING="ctypes"), capture_output=True, text=True)
-    assert run.returncode == 0 and "skipped" not in run.stdout, run.stdout[-3000:]
 
 
 def _op_args(x, t, bias):
