@@ -68,7 +68,7 @@ def main() -> None:
                 print(f"    {what}\n      {error.splitlines()[-1][:200]}\n      at {frame.filename}:{frame.lineno}")
             rows += [{"corruption": kind, "outcome": k, "count": v} for k, v in sorted(counts.items())]
     if args.csv:
-        write_csv(args.csv, rows)
+        write_csv(Path(args.csv), rows)
     if any(r["outcome"] == "VIOLATION" for r in rows):
         sys.exit(1)
 
