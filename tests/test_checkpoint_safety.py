@@ -4,6 +4,8 @@ tensor and over the quantization fields, saves that write beside the destination
 into place, and a model skeleton that never leaks onto other threads."""
 
 import json
+import re
+import shutil
 import subprocess
 import sys
 import threading
@@ -358,3 +360,38 @@ def test_two_threads_load_at_once_and_a_third_keeps_real_parameters(tmp_path):
     assert not errors, errors
     assert len(results) == 6 and all(torch.equal(r, want) for r in results)
     assert nn.Module.register_parameter is original
+
+
+@pytest.fixture(scope="module")
+def awq_checkpoint(tmp_path_factory):
+    """An AWQ checkpoint whose o_proj keeps an act_scale (grouped-query attention)."""
+    model = tiny_llama(0)
+    data = [torch.randint(0, 320, (1, 32)) for _ in range(2)]
+    quantize_(model, awqtensor.awq_config(group_size=32, n_samples=2, seq_len=32, n_grid=4), calibration_data=data)
+    path = tmp_path_factory.mktemp("awq") / "ckpt"
+    save_quantized(model, path)
+    return path
+
+
+@pytest.mark.parametrize("field,edit,match", [
+    ("zeros", lambda t: t.__setitem__((0, 0), 16), "zeros must hold zero points 0..15"),
+    ("act_scale", lambda t: t.__setitem__(3, float("nan")), "act_scale must be finite"),
+    ("scales", lambda t: t.__setitem__((1, 0), float("inf")), "scales must be finite"),
+])
+def test_load_quantized_refuses_each_malformed_field_even_with_matching_digests(awq_checkpoint, tmp_path, field,
+                                                                               edit, match):
+    tmp_path = tmp_path / "ckpt"
+    shutil.copytree(awq_checkpoint, tmp_path)
+    file = tmp_path / "model.safetensors"
+    tensors = safetensors.torch.load_file(file)
+    with safetensors.safe_open(str(file), "pt") as f:
+        metadata = f.metadata()
+    name = next(n for n in sorted(tensors) if n.endswith(f".weight.{field}"))
+    edit(tensors[name])
+    safetensors.torch.save_file(tensors, str(file), metadata=metadata)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["quantization_config"]["digests"]["tensors"][name] = checkpoint.digest(tensors[name])
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    weight = name.rsplit(".", 1)[0]
+    with pytest.raises(ValueError, match=rf"{re.escape(weight)}: .*{match}"):
+        load_quantized(tmp_path)
