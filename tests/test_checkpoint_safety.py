@@ -6,8 +6,6 @@ into place, and a model skeleton that never leaks onto other threads."""
 import json
 import re
 import shutil
-import subprocess
-import sys
 import threading
 from pathlib import Path
 
@@ -105,16 +103,17 @@ def test_autoawq_reader_is_confined_too(tmp_path):
         load_autoawq(ckpt)
 
 
-def test_info_reports_a_bad_checkpoint_in_one_line(tmp_path):
+def test_info_reports_a_bad_checkpoint_in_one_line(tmp_path, capsys):
     ckpt = tmp_path / "ckpt"
     save_quantized(quantized(), ckpt)
     config = json.loads((ckpt / "config.json").read_text())
     config["quantization_config"]["weights"] = ["not", "a", "mapping"]
     (ckpt / "config.json").write_text(json.dumps(config))
-    run = subprocess.run([sys.executable, "-m", "awqtensor", "info", str(ckpt)], capture_output=True, text=True)
-    assert run.returncode == 2
-    assert "Traceback" not in run.stderr and run.stderr.count("\n") == 1, run.stderr
-    assert "not a mapping" in run.stderr
+    from awqtensor.cli import main
+
+    assert main(["info", str(ckpt)]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.count("\n") == 1 and "not a mapping" in err, err
 
 
 # -- integrity -------------------------------------------------------------------------
