@@ -25,7 +25,7 @@ _import_torchao_quietly()
 
 from .api import quantize_
 from .autoawq import load_autoawq, save_autoawq
-from .config import AWQConfig, RTNConfig, awq_config, rtn_config
+from .config import AWQConfig, RTNConfig, awq_config, gptq_config, rtn_config
 from .fusion import fuse_
 from .generation import fast_generate_, generate
 from .gguf_export import save_gguf
@@ -34,7 +34,7 @@ from .head import Int8HeadTensor, quantize_head_
 from .serialization import load_quantized, save_quantized
 from .tensor import Int4AWQTensor
 
-__all__ = ["quantize_", "fuse_", "quantize_head_", "generate", "fast_generate_", "awq_config", "rtn_config",
+__all__ = ["quantize_", "fuse_", "quantize_head_", "generate", "fast_generate_", "awq_config", "gptq_config", "rtn_config",
            "AWQConfig", "RTNConfig", "Int4AWQTensor", "Int8HeadTensor", "save_quantized", "load_quantized",
            "save_autoawq", "load_autoawq", "save_gguf"]
 __version__ = "0.1.0"

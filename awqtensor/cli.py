@@ -1,6 +1,7 @@
 """The ``awqtensor`` command (also ``python -m awqtensor``).
 
-    awqtensor quantize MODEL_DIR --out DIR [--method awq|rtn] [--calib FILE] [--format awqtensor|autoawq]
+    awqtensor quantize MODEL_DIR --out DIR [--method awq|gptq|rtn] [--rounding gptq] [--calib FILE]
+                       [--format awqtensor|autoawq] [--overwrite]
     awqtensor quantize MODEL_DIR --out FILE.gguf --format gguf [...]     (for llama.cpp / ollama)
     awqtensor eval MODEL_DIR --text FILE [--windows 40] [--seq-len 512]
     awqtensor info PATH
@@ -84,14 +85,17 @@ def load_any(path: Path, dtype: torch.dtype):
 def cmd_quantize(args) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from . import awq_config, quantize_, rtn_config, save_autoawq, save_quantized
+    from . import awq_config, gptq_config, quantize_, rtn_config, save_autoawq, save_quantized
     from .demo import linear_weight_bytes
 
     source = resolve_model_dir(args.model_dir)
     if checkpoint_format(source) != "float":
         raise CLIError(f"{source} is already quantized; quantize a float model")
-    if args.method == "awq" and args.calib is None:
-        raise CLIError("--method awq needs --calib FILE: a text unlike the one you will evaluate on")
+    if args.method in ("awq", "gptq") and args.calib is None:
+        raise CLIError(f"--method {args.method} needs --calib FILE: a text unlike the one you will evaluate on")
+    if args.rounding == "gptq" and args.method != "awq":
+        raise CLIError(f"--rounding gptq applies to --method awq (AWQ's scales, GPTQ's rounding); --method "
+                       f"{args.method} has its own")
     if args.calib is not None and not Path(args.calib).is_file():
         raise CLIError(f"--calib {args.calib} is not a file")
     gguf = args.format == "gguf"
@@ -106,14 +110,18 @@ def cmd_quantize(args) -> None:
     if args.method == "awq":  # configs first: a bad option fails before the model loads
         # AutoAWQ and GGUF have no per-input scale: groups nothing can fold keep scale 1.
         config = awq_config(group_size=args.group_size, n_samples=args.calib_samples, seq_len=args.seq_len,
-                            activations=args.activations, act_scale=args.format == "awqtensor")
+                            activations=args.activations, act_scale=args.format == "awqtensor",
+                            rounding=args.rounding)
+    elif args.method == "gptq":
+        config = gptq_config(group_size=args.group_size, n_samples=args.calib_samples, seq_len=args.seq_len,
+                             activations=args.activations)
     else:
         config = rtn_config(group_size=args.group_size, activations=args.activations)
     model = AutoModelForCausalLM.from_pretrained(source, dtype=DTYPES[args.dtype]).eval()
     tokenizer = AutoTokenizer.from_pretrained(source)
     before = linear_weight_bytes(model)
     start = time.perf_counter()
-    if args.method == "awq":
+    if args.method != "rtn":
         quantize_(model, config, calibration_data=Path(args.calib), tokenizer=tokenizer)
     else:
         quantize_(model, config)
@@ -219,7 +227,9 @@ def main(argv=None) -> int:
     q = sub.add_parser("quantize", help="quantize a float model directory and save it")
     q.add_argument("model_dir", help="Hugging Face model directory, or 'smollm2' for the bundled model")
     q.add_argument("--out", required=True, help="output directory (a .gguf file with --format gguf)")
-    q.add_argument("--method", choices=("awq", "rtn"), default="awq")
+    q.add_argument("--method", choices=("awq", "gptq", "rtn"), default="awq")
+    q.add_argument("--rounding", choices=("nearest", "gptq"), default="nearest",
+                   help="with --method awq: gptq rounds AWQ's scaled weights with GPTQ's error feedback")
     q.add_argument("--group-size", type=int, default=128)
     q.add_argument("--calib", help="calibration text file (needed by --method awq)")
     q.add_argument("--calib-samples", type=int, default=128, help="calibration sequences (AutoAWQ's default)")

@@ -15,6 +15,7 @@ from .ops.w4a8 import check_mode
 
 SUPPORTED_GROUP_SIZES = (32, 64, 128, -1)
 AWQ_STEPS = (None, "prepare", "convert")
+ROUNDINGS = ("nearest", "gptq")
 
 
 def _check_positive_int(owner: str, name: str, value, minimum: int = 1) -> None:
@@ -94,6 +95,13 @@ class AWQConfig(_Int4WeightConfig):
     torchao's handler converts the Linears instead of awqtensor's int4 (one-call AWQ
     only; clipping only for configs quantizing in groups of group_size; see
     awqtensor/calibration/torchao_base.py).
+    rounding: "nearest" (AWQ's) or "gptq": after the scale search and clipping, each
+        Linear's scaled weight is rounded column by column with GPTQ's error feedback
+        through its own calibration inputs' second moments (one-call only; the format is
+        unchanged: awqtensor/calibration/gptq.py). damp: GPTQ's dampening, a fraction of
+        the mean diagonal of XᵀX.
+    scale_search: False skips AWQ's scale search (scale 1 everywhere): with clip=False
+        and rounding="gptq" this is GPTQ alone (``gptq_config``).
     """
 
     n_grid: int = 20
@@ -109,6 +117,9 @@ class AWQConfig(_Int4WeightConfig):
     step: Optional[str] = None
     act_scale: bool = True
     base_config: Optional[AOBaseConfig] = None
+    rounding: str = "nearest"
+    damp: float = 0.01
+    scale_search: bool = True
 
     def __post_init__(self):
         super().__post_init__()
@@ -123,7 +134,18 @@ class AWQConfig(_Int4WeightConfig):
             _check_positive_int(owner, "search_tokens", self.search_tokens)
         if self.duo_scaling not in (True, False, "both"):
             raise ValueError(f"{owner}: duo_scaling must be True, False or 'both', got {self.duo_scaling!r}")
-        for name in ("clip", "act_scale"):
+        if self.rounding not in ROUNDINGS:
+            raise ValueError(f"{owner}: rounding must be one of {ROUNDINGS} ('gptq': error-feedback rounding on "
+                             f"the calibration inputs), got {self.rounding!r}")
+        if not isinstance(self.damp, (int, float)) or isinstance(self.damp, bool) or not 0.0 < self.damp < 1.0:
+            raise ValueError(f"{owner}: damp must be in (0, 1), a fraction of XᵀX's mean diagonal; got {self.damp!r}")
+        if self.rounding == "gptq" and self.step is not None:
+            raise ValueError(f"{owner}: rounding='gptq' needs one-call calibration (step=None): it reads each "
+                             f"Linear's inputs after the block's scales are folded")
+        if self.rounding == "gptq" and self.base_config is not None:
+            raise ValueError(f"{owner}: rounding='gptq' writes awqtensor's int4 codes; with base_config the torchao "
+                             f"config rounds its own weights: drop one of them")
+        for name in ("clip", "act_scale", "scale_search"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{owner}: {name} must be True or False, got {getattr(self, name)!r}")
         if not isinstance(self.max_shrink, (int, float)) or not 0.0 <= self.max_shrink < 1.0:
@@ -152,5 +174,17 @@ def rtn_config(group_size: int = 128, zero_point: bool = True, modules_to_not_co
 
 
 def awq_config(group_size: int = 128, zero_point: bool = True, modules_to_not_convert=None, **options) -> AWQConfig:
-    """AWQ config; ``options`` are AWQConfig's other fields (n_grid, duo_scaling, clip, ...)."""
+    """AWQ config; ``options`` are AWQConfig's other fields (n_grid, duo_scaling, clip,
+    rounding="gptq" for AWQ's scales with GPTQ's error-feedback rounding, ...)."""
     return AWQConfig(group_size, zero_point, modules_to_not_convert, **options)
+
+
+def gptq_config(group_size: int = 128, zero_point: bool = True, modules_to_not_convert=None, **options) -> AWQConfig:
+    """GPTQ alone (no AWQ scales, no clipping), in the same tensor and formats: the same
+    calibration pass (``n_samples``, ``seq_len``, ``damp``, ``activations``, ...)."""
+    fixed = dict(rounding="gptq", scale_search=False, clip=False)
+    clash = sorted(k for k in fixed if k in options and options[k] != fixed[k])
+    if clash:
+        raise ValueError(f"gptq_config sets {clash} itself; for AWQ's scales with GPTQ rounding use "
+                         f"awq_config(..., rounding='gptq')")
+    return AWQConfig(group_size, zero_point, modules_to_not_convert, **{**options, **fixed})

@@ -368,3 +368,48 @@ def test_lone_linear_loss_from_second_moments_equals_recorded_output_mse(group_s
     linear.weight.data = quant.fake_quantize(linear.weight.data, group_size, True)
     assert lone.loss() > 0
     assert lone.loss() == pytest.approx(recorded.loss(), rel=1e-4)
+
+
+ROUTES = {  # how the CPU op would serve the calibration's calls of 64 rows
+    "int8 kernel": dict(min_m=None),
+    "fp32 dense": dict(min_m=1, min_macs=0, dtype=torch.float32),
+    "bf16 dense": dict(min_m=1, min_macs=0, dtype=torch.bfloat16),
+    "reference": dict(min_m=None),  # with AWQTENSOR_DISABLE=cpu_blocks
+}
+
+
+@pytest.mark.filterwarnings("ignore:awqtensor. activations='int8' weights run weight-only")
+@pytest.mark.parametrize("activations", [None, "int8"])
+def test_awq_chooses_the_same_scales_and_clipping_under_every_cpu_route(monkeypatch, activations):
+    """The regression of issue 31: AWQ fed each block the previous quantized block's output
+    through the int4 kernels, whose route depends on the call size and the CPU (the int8
+    kernel quantizes activations, the dense routes do not), so the scales it chose did
+    too. Now every route gives the same quantized model, bit for bit."""
+    from awqtensor.ops import cpu_kernel
+
+    if cpu_kernel.unavailable() is not None or not cpu_kernel.binding():
+        pytest.skip("needs awqtensor's C++ CPU op")
+    data = calibration_ids(n=2, seq_len=64)
+    results = {}
+    for route, settings in ROUTES.items():
+        old = cpu_kernel.dense_route(**settings)
+        with monkeypatch.context() as m:
+            if route == "reference":
+                m.setenv("AWQTENSOR_DISABLE", "cpu_blocks")
+            try:
+                model = tiny_llama(4)  # two blocks: the second calibrates on the first's quantized output
+                quantize_(model, awq_config(group_size=32, n_samples=2, seq_len=64, n_grid=4,
+                                            activations=activations), calibration_data=data)
+            finally:
+                cpu_kernel.dense_route(**old)
+        results[route] = {n: m.weight for n, m in model.named_modules() if isinstance(getattr(m, "weight", None),
+                                                                                        Int4AWQTensor)}
+    first = results["int8 kernel"]
+    assert len(first) == 14
+    for route, weights in results.items():
+        for name, w in weights.items():
+            ref = first[name]
+            for field in ("scales", "zeros", "act_scale"):
+                a, b = getattr(w, field), getattr(ref, field)
+                assert (a is None) == (b is None) and (a is None or torch.equal(a, b)), (route, name, field)
+            assert torch.equal(w.plain_qweight(), ref.plain_qweight()), (route, name)

@@ -21,7 +21,10 @@ Where we differ, and why:
     shrinks both ends of an asymmetric range, and is kept per Linear only if it lowers
     the loss module's error (AutoAWQ subsamples 512 tokens and skips q/k by name);
   * the next block is fed the *quantized* block's output by default (AutoAWQ feeds the
-    float one); ``benchmarks/awq_quality.py --propagate`` measures both.
+    float one); ``benchmarks/awq_quality.py --propagate`` measures both. That output is
+    computed from the dequantized weights with torch's matmuls (``_exact_weights``), never
+    through the int4 kernels: their route depends on the call's size and the CPU (the
+    int8-activation kernel, a dense fp32 or bf16 route), and the chosen scales must not.
 """
 
 from __future__ import annotations
@@ -29,19 +32,20 @@ from __future__ import annotations
 import logging
 import math
 import warnings
+from contextlib import contextmanager
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .. import quant
+from .. import packing, quant
 from ..ops import w4a8
 from ..tensor import Int4AWQTensor
 from ..memory import file_backed, release_file_pages, release_freed_memory
 from .blocks import (StopForward, cast_floats, find_blocks, first_block_inputs, first_tensor, replay,
                      run_block)
 from .data import calibration_batches, real_tokens, token_mask
-from . import torchao_base
+from . import gptq, torchao_base
 from .mappings import Mapping, apply_fold, discover
 from .observe import InputStats
 from .search import (clip_weight, moment_loss, scaled_grams, search_clip, search_clip_with, search_scale,
@@ -212,7 +216,7 @@ def _calibrate_mapping(block, mapping: Mapping, inputs, masks, config, where: st
     hooks = [lin.register_forward_pre_hook(hook) for lin in linears] if hook else []
     try:
         return _search_and_fold(block, mapping, linears, originals, capture, config, label, trying,
-                                search=config.act_scale or mapping.fold != "act_scale")
+                                search=config.scale_search and (config.act_scale or mapping.fold != "act_scale"))
     finally:
         for h in hooks:
             h.remove()
@@ -277,6 +281,95 @@ def _search_and_fold(block, mapping, linears, originals, capture, config, label,
     return s if mapping.fold == "act_scale" else None
 
 
+def _input_moments(block: nn.Module, linears: list[tuple[str, nn.Linear]], inputs, masks) -> dict[str, torch.Tensor]:
+    """{name: Σ xᵀx [K, K]} of each Linear's input over the real calibration tokens (padded
+    positions left out), from one run of ``block`` as it stands (scales folded). Linears
+    fed the same tensor (q/k/v, gate/up) reuse one product per batch."""
+    sums, hooks, batch = {}, [], {}
+
+    def record(name):
+        def hook(_, args):
+            x = args[0]
+            cached = batch.get(id(x))
+            if cached is not None and cached[0] is x:
+                product = cached[1]
+            else:  # the tensor is kept with its product, so its id cannot be reused meanwhile
+                rows = real_tokens(x, batch.get("mask"))
+                rows = rows.reshape(-1, rows.shape[-1]).float()
+                product = rows.T @ rows
+                batch[id(x)] = (x, product)
+            sums[name] = product.clone() if name not in sums else sums[name].add_(product)
+        return hook
+
+    for name, linear in linears:
+        hooks.append(linear.register_forward_pre_hook(record(name)))
+    try:
+        with torch.no_grad():
+            for (args, kwargs), mask in zip(inputs, masks or [None] * len(inputs)):
+                batch.clear()
+                batch["mask"] = mask
+                block(*args, **kwargs)
+    finally:
+        for h in hooks:
+            h.remove()
+    return sums
+
+
+def _gptq_weight(weight: torch.Tensor, h: torch.Tensor | None, act_scale, config, label: str) -> Int4AWQTensor:
+    """``weight`` (already scaled and clipped) as an Int4AWQTensor whose codes are rounded
+    with GPTQ's error feedback under ``h``; round-to-nearest, with a warning naming the
+    Linear, when no calibration token reached it or H stays singular."""
+    name = f"{label}.weight"
+    plain = Int4AWQTensor.from_float(weight, config.group_size, config.zero_point, act_scale, name=name,
+                                     activations=config.activations)
+    if h is None or not bool(h.diagonal().gt(0).any()):
+        warnings.warn(f"{label}: no calibration token reached it, so it is rounded to nearest (GPTQ needs its "
+                      f"inputs)", stacklevel=4)
+        return plain
+    group_size = plain.group_size
+    scales, zeros = quant.choose_qparams(weight, group_size, config.zero_point)
+    codes = gptq.gptq_codes(weight.float(), h, scales, zeros, group_size, damp=config.damp)
+    if codes is None:
+        warnings.warn(f"{label}: its inputs' XᵀX stayed singular after dampening, so it is rounded to nearest",
+                      stacklevel=4)
+        return plain
+    act = None if act_scale is None else act_scale.to(device=weight.device, dtype=scales.dtype)
+    tensor = Int4AWQTensor(packing.pack_nibbles(codes), scales, group_size, weight.shape, packing.PLAIN, zeros,
+                           act, config.activations)
+    return tensor._repacked_for(weight.device, weight.dtype)
+
+
+@contextmanager
+def _exact_weights(linears: list[tuple[str, nn.Linear]], config):
+    """Inside, each Int4AWQTensor weight of ``linears`` is the float weight it stands for
+    (dequantized, act_scale included), so the block runs on torch's matmuls whatever call
+    sizes and CPU the kernels' routes depend on; W4A8 weights also read their input as the
+    format quantizes it (int8 per row and group of x * act_scale). Restored on exit."""
+    saved, hooks = [], []
+    for _, linear in linears:
+        weight = linear.weight
+        if not isinstance(weight, Int4AWQTensor):
+            continue
+        saved.append((linear, weight))
+        linear.weight = nn.Parameter(weight.dequantize(), requires_grad=False)
+        if weight.activations is not None:
+            act = weight.act_scale
+
+            def format_input(_, args, act=act, group_size=weight.group_size):
+                x = args[0] if act is None else args[0] * act
+                x = w4a8.fake_quantize_activations(x, group_size)
+                return (x if act is None else x / act, *args[1:])
+
+            hooks.append(linear.register_forward_pre_hook(format_input))
+    try:
+        yield
+    finally:
+        for h in hooks:
+            h.remove()
+        for linear, weight in saved:
+            linear.weight = weight
+
+
 def calibrate(model: nn.Module, config, selected, calibration_data, tokenizer=None, *, propagate: str = "quantized"):
     """Run AWQ on ``model`` and convert the ``selected`` [(name, Linear)] in place."""
     if propagate not in PROPAGATE:
@@ -311,11 +404,12 @@ def calibrate(model: nn.Module, config, selected, calibration_data, tokenizer=No
             if propagate == "float" and not last:
                 float_outputs = run_block(block, inputs, torch.float32)
             act_scales, routed = {}, {}
-            for mapping in discovered[key]:
+            for mapping in discovered[key] if config.scale_search or config.clip else ():
                 s = _calibrate_mapping(block, mapping, inputs, masks, config, where, starved, routed, unscaled)
                 release_freed_memory()
                 for n in mapping.linears:
                     act_scales[n] = s
+            moments = _input_moments(block, block_linears, inputs, masks) if config.rounding == "gptq" else {}
             block.to(dtype)
             for n, linear in block_linears:
                 s = act_scales.get(n)
@@ -324,17 +418,25 @@ def calibrate(model: nn.Module, config, selected, calibration_data, tokenizer=No
                     done.add(id(linear))
                     continue
                 weight = linear.weight.detach()
+                h = moments.pop(n, None)
                 if s is not None:
                     weight = (weight.float() * s).to(dtype)
+                    if h is not None:  # the int4 weight reads x / s
+                        h = h / (s.unsqueeze(0) * s.unsqueeze(1))
                     s = (1 / s).to(dtype)
-                linear.weight = nn.Parameter(
-                    Int4AWQTensor.from_float(weight, config.group_size, config.zero_point, s, name=f"{where}{n}.weight",
-                                             activations=config.activations),
-                    requires_grad=False)
+                if config.rounding == "gptq":
+                    quantized = _gptq_weight(weight, h, s, config, f"{where}{n}")
+                else:
+                    quantized = Int4AWQTensor.from_float(weight, config.group_size, config.zero_point, s,
+                                                         name=f"{where}{n}.weight", activations=config.activations)
+                linear.weight = nn.Parameter(quantized, requires_grad=False)
                 done.add(id(linear))
+            del moments
         if not last:
-            inputs = float_outputs if float_outputs is not None else run_block(block, inputs, dtype)
-            inputs = cast_floats(inputs, torch.float32)
+            if float_outputs is None:
+                with _exact_weights(block_linears, config):
+                    float_outputs = run_block(block, inputs, dtype)
+            inputs = cast_floats(float_outputs, torch.float32)
         release_file_pages(mapped)
         del mapped
         release_freed_memory()
