@@ -3,6 +3,7 @@ float, round-to-nearest and AWQ int4, with quantization time and peak RSS. Each 
 runs in its own process so its peak RSS is its own. Prints a table, writes CSV.
 
     python benchmarks/perplexity.py --group-size 64 --methods float rtn awq
+    python benchmarks/perplexity.py --group-size 64 --methods rtn gptq awq awq-gptq   # the four roundings
 
 Weights are evaluated with exact matmuls; ``--cpu-kernel`` evaluates them through
 awqtensor's CPU op as a model runs it, into ``perplexity_g{G}_cpu_kernel.csv``: the int8
@@ -45,14 +46,15 @@ from pathlib import Path
 
 import torch
 
-from awqtensor import awq_config, evaluation, fuse_, load_autoawq, quantize_, quantize_head_, rtn_config, smollm2
+from awqtensor import (awq_config, evaluation, fuse_, gptq_config, load_autoawq, quantize_, quantize_head_,
+                       rtn_config, smollm2)
 from awqtensor.calibration import calibrate
 from awqtensor.ops import w4a8
 from awqtensor.api import select_linears
 from common import cpu_device, provenance
 
-METHODS = ("float", "rtn", "awq", "autoawq", "awq-two-step", "awq-float-propagation", "awq-noclip", "rtn-w4a8",
-           "awq-w4a8", "torchao", "awq-torchao")
+METHODS = ("float", "rtn", "gptq", "awq", "awq-gptq", "autoawq", "awq-two-step", "awq-float-propagation",
+           "awq-noclip", "rtn-w4a8", "awq-w4a8", "torchao", "awq-torchao")
 
 
 def torchao_config(name: str, group_size: int):
@@ -95,10 +97,15 @@ def run_one(args) -> dict:
         torchao.quantization.quantize_(model.model, torchao_config(args.base_config, args.group_size))
     elif args.method.startswith("rtn"):
         quantize_(model, rtn_config(group_size=args.group_size, activations=activations))
+    elif args.method == "gptq":  # GPTQ alone, on the same calibration blocks
+        calib = evaluation.token_blocks(tokenizer, args.calib_text, args.seq_len, args.calib_blocks)
+        quantize_(model, gptq_config(group_size=args.group_size, n_samples=args.calib_blocks, seq_len=args.seq_len),
+                  calibration_data=calib)
     elif args.method.startswith("awq"):
         calib = evaluation.token_blocks(tokenizer, args.calib_text, args.seq_len, args.calib_blocks)
         config = awq_config(group_size=args.group_size, n_samples=args.calib_blocks, seq_len=args.seq_len,
                             clip=args.method != "awq-noclip", activations=activations,
+                            rounding="gptq" if args.method == "awq-gptq" else "nearest",
                             base_config=torchao_config(args.base_config, args.group_size)
                             if args.method == "awq-torchao" else None)
         propagate = "float" if args.method == "awq-float-propagation" else "quantized"

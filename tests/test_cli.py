@@ -54,6 +54,10 @@ def test_quantize_info_eval_in_both_formats(workdir, capsys):
     code, out, _ = run(capsys, "quantize", workdir / "float", "--out", workdir / "awq", "--method", "rtn",
                        "--group-size", "32", "--format", "autoawq")
     assert code == 0
+    for method in (["--method", "gptq"], ["--method", "awq", "--rounding", "gptq"]):
+        code, out, _ = run(capsys, "quantize", workdir / "float", "--out", workdir / "gptq", *method, "--calib",
+                           workdir / "calib.txt", "--calib-samples", "4", "--seq-len", "64", "--group-size", "32")
+        assert code == 0 and "smaller" in out, out
 
     code, out, _ = run(capsys, "info", workdir / "native", "--json")
     info = json.loads(out)
@@ -108,6 +112,8 @@ def test_generate_streams_and_reports_speed(workdir, capsys):
 @pytest.mark.parametrize("argv,match", [
     (["quantize", "no/such/dir", "--out", "x", "--method", "rtn"], "does not exist"),
     (["quantize", "{float}", "--out", "x"], "--method awq needs --calib"),
+    (["quantize", "{float}", "--out", "x", "--method", "gptq"], "--method gptq needs --calib"),
+    (["quantize", "{float}", "--out", "x", "--method", "rtn", "--rounding", "gptq"], "--rounding gptq applies to"),
     (["eval", "{float}", "--text", "no-such.txt"], "is not a file"),
     (["info", "no/such/dir"], "does not exist"),
     (["generate", "{float}", "--prompt", "hi", "--max-new-tokens", "0"], "--max-new-tokens must be at least 1"),
