@@ -401,11 +401,6 @@ def build_model(config: dict, dtype: torch.dtype, state: dict[str, torch.Tensor]
         if name in expected and tuple(value.shape) != tuple(expected[name].shape):
             raise ValueError(f"{desc}: {name} has shape {tuple(value.shape)}, the config implies "
                              f"{tuple(expected[name].shape)}")
-    nonfinite = nonfinite_scales(state)
-    if nonfinite:
-        more = f" (and {len(nonfinite) - 1} more)" if len(nonfinite) > 1 else ""
-        raise ValueError(f"{desc}: {nonfinite[0]} holds inf or nan{more}; the checkpoint is corrupted or was "
-                         f"saved from a broken model: re-quantize and re-save it")
     model.load_state_dict(state, strict=False, assign=True)
     if getattr(hf_config, "tie_word_embeddings", False):
         model.tie_weights()

@@ -26,7 +26,7 @@ from awqtensor import load_quantized, quantize_, quantize_head_, rtn_config, sav
 from conftest import tiny_llama  # noqa: E402
 from fuzz_checkpoints import CORRUPTIONS, outcome  # noqa: E402
 
-from common import write_csv  # noqa: E402
+from common import cpu_device, provenance, write_csv  # noqa: E402
 
 
 def main() -> None:
@@ -66,7 +66,8 @@ def main() -> None:
                   + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
             for what, error, frame in failures[:5]:
                 print(f"    {what}\n      {error.splitlines()[-1][:200]}\n      at {frame.filename}:{frame.lineno}")
-            rows += [{"corruption": kind, "outcome": k, "count": v} for k, v in sorted(counts.items())]
+            rows += [{"corruption": kind, "outcome": k, "count": v, "device": cpu_device(torch.get_num_threads()),
+                      **provenance()} for k, v in sorted(counts.items())]
     if args.csv:
         write_csv(Path(args.csv), rows)
     if any(r["outcome"] == "VIOLATION" for r in rows):

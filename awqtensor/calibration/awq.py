@@ -320,20 +320,21 @@ def _gptq_weight(weight: torch.Tensor, h: torch.Tensor | None, act_scale, config
     """``weight`` (already scaled and clipped) as an Int4AWQTensor whose codes are rounded
     with GPTQ's error feedback under ``h``; round-to-nearest, with a warning naming the
     Linear, when no calibration token reached it or H stays singular."""
-    name = f"{label}.weight"
-    plain = Int4AWQTensor.from_float(weight, config.group_size, config.zero_point, act_scale, name=name,
-                                     activations=config.activations)
+    def nearest() -> Int4AWQTensor:
+        return Int4AWQTensor.from_float(weight, config.group_size, config.zero_point, act_scale,
+                                        name=f"{label}.weight", activations=config.activations)
+
     if h is None or not bool(h.diagonal().gt(0).any()):
         warnings.warn(f"{label}: no calibration token reached it, so it is rounded to nearest (GPTQ needs its "
                       f"inputs)", stacklevel=4)
-        return plain
-    group_size = plain.group_size
+        return nearest()
+    group_size = weight.shape[1] if config.group_size == -1 else config.group_size
     scales, zeros = quant.choose_qparams(weight, group_size, config.zero_point)
     codes = gptq.gptq_codes(weight.float(), h, scales, zeros, group_size, damp=config.damp)
     if codes is None:
         warnings.warn(f"{label}: its inputs' XᵀX stayed singular after dampening, so it is rounded to nearest",
                       stacklevel=4)
-        return plain
+        return nearest()
     act = None if act_scale is None else act_scale.to(device=weight.device, dtype=scales.dtype)
     tensor = Int4AWQTensor(packing.pack_nibbles(codes), scales, group_size, weight.shape, packing.PLAIN, zeros,
                            act, config.activations)
